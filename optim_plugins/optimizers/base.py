@@ -1,0 +1,329 @@
+"""The step machinery every optimizer here shares.
+
+An optimizer subclasses :class:`Optimizer` and writes three things:
+
+* ``check_options(options)``: raise ``ValueError`` naming a bad option and its value;
+* ``state_names(group)`` (or ``init_state``): its per-parameter state;
+* ``update(p, g, state, group, step)``: the algorithm, once, as in-place tensor code.
+
+Everything else is done here, once: the closure under ``torch.enable_grad()``,
+collecting gradients (``None`` skipped, sparse refused), the per-parameter ``step``
+count, ``maximize``, weight decay in every mode, the non-finite-gradient policy, the
+precision of the parameter write (Kahan / stochastic rounding for bf16), backends
+(``reference``: one tensor at a time; ``foreach``: the same ``update`` run on
+``TensorList`` buckets), and a ``load_state_dict`` that checks before it changes.
+"""
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import Any, Callable, ClassVar, Iterable, Literal, Mapping
+
+import torch
+from torch import Tensor
+
+from ..kernels.foreach import TensorList
+from ..registry import Capabilities, Option, options_of
+from .common import WeightDecayMode, apply_weight_decay, check_choice, check_lr
+from .precision import LOW_PRECISION, resolve_compensation, working_copy, write_back
+
+Backend = Literal["auto", "reference", "foreach", "compiled", "triton"]
+AVAILABLE_BACKENDS = ("auto", "reference", "foreach")
+NONFINITE_POLICIES = ("propagate", "skip", "raise")
+STATE_DTYPES = {None: None, "param": None, "fp32": torch.float32, "float32": torch.float32}
+MACHINERY_STATE = ("step", "compensation")
+
+
+def _common_options(
+    maximize: bool = False,
+    backend: Backend = "auto",
+    foreach: bool | None = None,
+    nonfinite: Literal["propagate", "skip", "raise"] = "propagate",
+    compensation: Literal["auto", "kahan", "stochastic"] | None = "auto",
+    state_dtype: Literal["fp32", "param"] | None = None,
+    differentiable: bool = False,
+    capturable: bool = False,
+    fused: bool | None = None,
+) -> None:
+    """Options every optimizer of this package takes.
+
+    Args:
+        maximize: maximize the objective instead of minimizing it (as torch.optim).
+        backend: "auto" (foreach), "reference" (one tensor at a time) or "foreach" (multi-tensor); same numbers from each.
+        foreach: torch.optim's switch: True means backend "foreach", False means "reference".
+        nonfinite: NaN/Inf gradients: "propagate" (torch's behaviour, no host sync), "skip" the whole step, or "raise".
+        compensation: for bf16/fp16 parameters: "kahan" buffer, "stochastic" rounding, None (torch's behaviour); "auto" = Kahan for bf16/fp16, nothing for fp32.
+        state_dtype: None keeps states in the parameter's dtype (torch); "fp32" keeps fp32 states and math for bf16/fp16 parameters.
+        differentiable: torch.optim's differentiable step; not supported (only False).
+        capturable: torch.optim's CUDA-graph capturable step; not supported (only False).
+        fused: torch.optim's fused kernels; not supported here (use backend).
+    """
+
+
+COMMON_OPTIONS: dict[str, Option] = options_of(_common_options, skip=0)
+
+
+def _scalar_dtype() -> torch.dtype:
+    return torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32
+
+
+def _is_array(value: Any) -> bool:
+    return torch.is_tensor(value) and value.dim() > 0
+
+
+def _real(t: Tensor) -> Tensor:
+    return torch.view_as_real(t) if t.is_complex() else t
+
+
+class Optimizer(torch.optim.Optimizer):
+    """Base class: a ``torch.optim.Optimizer`` whose subclasses write only their math."""
+
+    capabilities: ClassVar[Capabilities] = Capabilities(elementwise=True, shardable="elements")
+    common_options: ClassVar[dict[str, Option]] = COMMON_OPTIONS
+
+    def __init__(self, params: Iterable[Tensor] | Iterable[dict], defaults: dict[str, Any], **common: Any):
+        unknown = [key for key in common if key not in COMMON_OPTIONS]
+        if unknown:
+            raise ValueError(f"{type(self).__name__} has no option {unknown[0]!r} (value {common[unknown[0]]!r})")
+        options = {name: option.default for name, option in COMMON_OPTIONS.items()}
+        options.update(common)
+        self.skipped_steps = 0
+        super().__init__(params, {**defaults, **options})
+
+    # -------------------------------------------------------------- what subclasses write
+
+    def check_options(self, options: Mapping[str, Any]) -> None:
+        """Validate one group's options; raise ``ValueError`` naming the option and value."""
+        if "lr" in options:
+            check_lr(options["lr"])
+
+    def state_names(self, group: Mapping[str, Any]) -> tuple[str, ...]:
+        """Names of the zero-initialised, parameter-shaped state tensors."""
+        return ()
+
+    def init_state(self, p: Tensor, group: Mapping[str, Any]) -> dict[str, Tensor]:
+        """The per-parameter state tensors (``step`` is added by the machinery)."""
+        dtype = self.state_dtype(p, group)
+        return {name: torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format) for name in self.state_names(group)}
+
+    def weight_decay_mode(self, group: Mapping[str, Any]) -> WeightDecayMode | None:
+        """How ``group["weight_decay"]`` applies: "l2", "decoupled", "fixed" (None: not at all)."""
+        return "l2"
+
+    def update(self, p, g, state: dict[str, Any], group: Mapping[str, Any], step: float) -> None:
+        """The algorithm: update ``p`` and ``state`` in place from gradient ``g``.
+
+        ``p``, ``g`` and the state values are single tensors (reference backend) or
+        ``TensorList`` buckets (foreach backend); ``step`` counts from 1.
+        """
+        raise NotImplementedError
+
+    # -------------------------------------------------------------- options
+
+    def state_dtype(self, p: Tensor, group: Mapping[str, Any]) -> torch.dtype:
+        wanted = STATE_DTYPES[group.get("state_dtype")]
+        return wanted if wanted is not None and p.dtype in LOW_PRECISION else p.dtype
+
+    def _check_group(self, options: Mapping[str, Any]) -> None:
+        check_choice("backend", options["backend"], Backend.__args__)
+        if options["backend"] not in AVAILABLE_BACKENDS:
+            raise ValueError(
+                f"invalid backend: {options['backend']!r} is not available in this version "
+                f"(available: {', '.join(AVAILABLE_BACKENDS)})"
+            )
+        foreach = options["foreach"]
+        if foreach is not None and options["backend"] not in ("auto", "foreach" if foreach else "reference"):
+            raise ValueError(f"invalid foreach: {foreach!r} contradicts backend={options['backend']!r}")
+        check_choice("nonfinite", options["nonfinite"], NONFINITE_POLICIES)
+        check_choice("compensation", options["compensation"], (None, "auto", "kahan", "stochastic"))
+        check_choice("state_dtype", options["state_dtype"], tuple(STATE_DTYPES))
+        for flag in ("differentiable", "capturable", "fused"):
+            if options[flag]:
+                raise ValueError(f"invalid {flag}: {options[flag]!r} ({flag}=True is not supported; use backend=...)")
+        if not isinstance(options["maximize"], bool):
+            raise ValueError(f"invalid maximize: {options['maximize']!r} (expected True or False)")
+        self.check_options(options)
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        options = {**self.defaults, **{k: v for k, v in param_group.items() if k != "params"}}
+        self._check_group(options)
+        super().add_param_group(param_group)
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        self.__dict__.setdefault("skipped_steps", 0)
+        for group in self.param_groups:  # checkpoints from torch.optim or older versions
+            for key, value in self.defaults.items():
+                group.setdefault(key, value)
+
+    # -------------------------------------------------------------- the step
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        """Perform one optimization step; ``closure`` re-evaluates the model and returns the loss."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        work = [(group, *self._params_with_grad(group)) for group in self.param_groups]
+        if self._skip_for_nonfinite(work):
+            return loss
+        for group, params, grads in work:
+            if params:
+                self.step_group(group, params, grads)
+        return loss
+
+    def _params_with_grad(self, group: Mapping[str, Any]) -> tuple[list[Tensor], list[Tensor]]:
+        params, grads = [], []
+        for p in group["params"]:
+            if p.grad is None:
+                continue
+            if p.grad.is_sparse:
+                raise RuntimeError(
+                    f"{type(self).__name__} does not support sparse gradients (parameter of shape "
+                    f"{tuple(p.shape)}); use a dense gradient, e.g. nn.Embedding(sparse=False)"
+                )
+            if p.is_complex() and not self.capabilities.elementwise:
+                raise ValueError(f"{type(self).__name__} does not support complex parameters")
+            params.append(p)
+            grads.append(p.grad)
+        return params, grads
+
+    def _skip_for_nonfinite(self, work: list) -> bool:
+        policy = self.defaults["nonfinite"]
+        grads = [g for _, _, gs in work for g in gs]
+        if policy == "propagate" or not grads:
+            return False
+        finite = torch.stack([torch.isfinite(g).all() for g in grads])
+        if bool(finite.all()):
+            return False
+        if policy == "raise":
+            bad = int((~finite).nonzero()[0])
+            shape = tuple(grads[bad].shape)
+            raise FloatingPointError(
+                f"{type(self).__name__}: non-finite gradient (NaN/Inf) in parameter {bad} of shape {shape} "
+                "(nonfinite='raise'); no parameter or state was changed"
+            )
+        self.skipped_steps += 1
+        return True
+
+    def step_group(self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor]) -> None:
+        """Update ``params`` of ``group`` from ``grads``: any subset of the group may be stepped."""
+        states = [self._state_of(p, group) for p in params]
+        for state in states:
+            state["step"] += 1
+        if self._backend(group) == "reference":
+            buckets: Iterable[list[int]] = ([i] for i in range(len(params)))
+        else:
+            keyed: dict[tuple, list[int]] = defaultdict(list)
+            for i, (p, state) in enumerate(zip(params, states)):
+                scalars = tuple(v.item() for v in state.values() if torch.is_tensor(v) and v.dim() == 0)
+                keyed[(p.device, p.dtype, p.is_complex(), scalars)].append(i)
+            buckets = keyed.values()
+        for index in buckets:
+            self._apply(group, [params[i] for i in index], [grads[i] for i in index], [states[i] for i in index])
+
+    def _backend(self, group: Mapping[str, Any]) -> str:
+        backend = group["backend"]
+        if backend == "auto":
+            return "reference" if group["foreach"] is False else "foreach"
+        return backend
+
+    def _state_of(self, p: Tensor, group: Mapping[str, Any]) -> dict[str, Any]:
+        state = self.state[p]
+        if not state:
+            state["step"] = torch.tensor(0.0, dtype=_scalar_dtype())
+            state.update(self.init_state(p, group))
+            if resolve_compensation(group["compensation"], p.dtype) == "kahan":
+                state["compensation"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        return state
+
+    def _apply(self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor], states: list[dict]) -> None:
+        step = states[0]["step"].item()
+        dtype = params[0].dtype
+        mode = resolve_compensation(group["compensation"], dtype)
+        upcast = mode is not None or self.state_dtype(params[0], group) != dtype
+        work = [working_copy(p, s.get("compensation")) for p, s in zip(params, states)] if upcast else params
+        if upcast and self.state_dtype(params[0], group) != dtype:
+            grads = [g.float() for g in grads]
+        names = [k for k in states[0] if k not in MACHINERY_STATE]
+        if len(params) == 1 and self._backend(group) == "reference":
+            p, g = _real(work[0]), _real(grads[0])
+            state = {k: _real(states[0][k]) if _is_array(states[0][k]) else states[0][k] for k in names}
+        else:
+            p = TensorList(_real(t) for t in work)
+            g = TensorList(_real(t) for t in grads)
+            state = {
+                k: TensorList(_real(s[k]) if _is_array(s[k]) else s[k] for s in states)
+                if torch.is_tensor(states[0][k]) else states[0][k]
+                for k in names
+            }
+        if group["maximize"]:
+            g = -g
+        lr = float(group["lr"]) if "lr" in group else 0.0
+        g = apply_weight_decay(p, g, self.weight_decay_mode(group), group.get("weight_decay", 0.0), lr)
+        self.update(p, g, state, group, step)
+        if upcast:
+            for param, w, s in zip(params, work, states):
+                write_back(param, w, mode, s.get("compensation"))
+
+    # -------------------------------------------------------------- state dicts
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load a state dict after checking it: group sizes, options, state names and shapes.
+
+        A bad state dict raises ``ValueError`` and leaves this optimizer unchanged. State
+        tensors are copied (not shared with ``state_dict``) in the dtype this optimizer keeps.
+        """
+        expected = self._check_state_dict(state_dict)
+        saved_state = state_dict["state"]
+        super().load_state_dict(state_dict)
+        for index, (p, wanted) in expected.items():
+            for name, value in saved_state[index].items():
+                if torch.is_tensor(value) and name != "step":
+                    dtype = wanted[name].dtype if name in wanted else (p.dtype if value.is_floating_point() else value.dtype)
+                    self.state[p][name] = value.to(device=p.device, dtype=dtype, copy=True)
+
+    def _check_state_dict(self, state_dict: Mapping[str, Any]) -> dict[Any, tuple[Tensor, dict[str, Tensor]]]:
+        if not isinstance(state_dict, Mapping) or "state" not in state_dict or "param_groups" not in state_dict:
+            raise ValueError("state_dict must be a mapping with 'state' and 'param_groups' (from optimizer.state_dict())")
+        saved_groups, saved_state = state_dict["param_groups"], state_dict["state"]
+        if len(saved_groups) != len(self.param_groups):
+            raise ValueError(
+                f"loaded state dict has {len(saved_groups)} parameter groups, this optimizer has {len(self.param_groups)}"
+            )
+        expected: dict[Any, tuple[Tensor, dict[str, Tensor]]] = {}
+        for gi, (saved, group) in enumerate(zip(saved_groups, self.param_groups)):
+            if len(saved["params"]) != len(group["params"]):
+                raise ValueError(
+                    f"loaded parameter group {gi} has {len(saved['params'])} parameters, this optimizer's has {len(group['params'])}"
+                )
+            options = {**self.defaults, **{k: v for k, v in saved.items() if k != "params"}}
+            try:
+                self._check_group(options)
+            except ValueError as exc:
+                raise ValueError(f"loaded parameter group {gi}: {exc}") from None
+            for index, p in zip(saved["params"], group["params"]):
+                if index not in saved_state:
+                    continue
+                wanted = self.init_state(torch.empty_like(p, device="meta"), options)
+                self._check_param_state(saved_state[index], p, wanted, f"parameter {index} (group {gi})")
+                expected[index] = (p, wanted)
+        return expected
+
+    @staticmethod
+    def _check_param_state(state: Mapping[str, Any], p: Tensor, wanted: Mapping[str, Tensor], where: str) -> None:
+        missing = [name for name in ("step", *wanted) if name not in state]
+        if missing:
+            raise ValueError(f"loaded state of {where} lacks {missing[0]!r}")
+        for name, value in state.items():
+            if not torch.is_tensor(value):
+                continue
+            if name == "step" or (name in wanted and wanted[name].dim() == 0):
+                if value.numel() != 1:
+                    raise ValueError(f"loaded state {name!r} of {where} has shape {tuple(value.shape)}, expected a scalar")
+                continue
+            shape = wanted[name].shape if name in wanted else p.shape
+            if value.shape != shape:
+                raise ValueError(
+                    f"loaded state {name!r} of {where} has shape {tuple(value.shape)}, expected {tuple(shape)}"
+                )

@@ -1,0 +1,1 @@
+"""Learning-rate schedules, each a ``torch.optim.lr_scheduler.LRScheduler``."""
