@@ -403,12 +403,12 @@ def describe(name: str) -> str:
     try:
         spec: Any = get_optimizer_spec(name)
         kind = "optimizer"
-    except ValueError:
+    except ValueError as not_an_optimizer:
         try:
             spec = get_scheduler_spec(name)
             kind = "scheduler"
-        except ValueError:
-            raise ValueError(f"unknown optimizer or scheduler {name!r}") from None
+        except ValueError as not_a_scheduler:
+            raise ValueError(f"{not_an_optimizer}; {not_a_scheduler}") from None
     lines = [f"{spec.name} ({kind}): {spec.summary}", f"  class: {spec.factory.__module__}.{spec.factory.__qualname__}"]
     if spec.aliases:
         lines.append(f"  aliases: {', '.join(spec.aliases)}")

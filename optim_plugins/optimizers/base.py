@@ -259,7 +259,7 @@ class Optimizer(torch.optim.Optimizer):
             }
         if group["maximize"]:
             g = -g
-        lr = float(group["lr"]) if "lr" in group else 0.0
+        lr = group.get("lr", 0.0)
         g = apply_weight_decay(p, g, self.weight_decay_mode(group), group.get("weight_decay", 0.0), lr)
         self.update(p, g, state, group, step)
         if upcast:

@@ -31,11 +31,9 @@ def check_range(name: str, value, low: float | None = None, high: float | None =
 
 
 def check_lr(lr) -> None:
-    try:
-        value = float(lr)
-    except (TypeError, ValueError):
-        raise ValueError(f"invalid lr: {lr!r} (expected a number)") from None
-    check_range("lr", value, 0.0)
+    if not isinstance(lr, Number) or isinstance(lr, bool):
+        raise ValueError(f"invalid lr: {lr!r} (expected a Python number; tensor learning rates are not supported)")
+    check_range("lr", lr, 0.0)
 
 
 def check_betas(betas: Sequence[float], count: int = 2, name: str = "betas") -> None:

@@ -1,0 +1,69 @@
+"""``optim-plugins``: list | describe NAME | demo."""
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Sequence
+
+
+def _list(args: argparse.Namespace) -> int:
+    import optim_plugins as op
+
+    from .registry import get_optimizer_spec, get_scheduler_spec
+
+    print("optimizers:")
+    for name in op.list_optimizers():
+        spec = get_optimizer_spec(name)
+        print(f"  {name:<22} {spec.summary}")
+    print("schedulers:")
+    for name in op.list_schedulers():
+        spec = get_scheduler_spec(name)
+        print(f"  {name:<22} {spec.summary}")
+    return 0
+
+
+def _describe(args: argparse.Namespace) -> int:
+    import optim_plugins as op
+
+    print(op.describe(args.name))
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    losses = run_demo(optimizer=args.optimizer, lr=args.lr, steps=args.steps, schedule=args.schedule)
+    if not losses[-1] < losses[0]:
+        print("demo: the loss did not fall", file=sys.stderr)
+        return 1
+    print(f"demo: loss fell from {losses[0]:.4f} to {losses[-1]:.4f}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="optim-plugins", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+    commands.add_parser("list", help="print every registered optimizer and schedule").set_defaults(run=_list)
+    describe = commands.add_parser("describe", help="options, defaults and docs of one optimizer or schedule")
+    describe.add_argument("name")
+    describe.set_defaults(run=_describe)
+    demo = commands.add_parser("demo", help="train a small classifier and print its loss falling")
+    demo.add_argument("--optimizer", default="adamw")
+    demo.add_argument("--lr", type=float, default=1e-2)
+    demo.add_argument("--steps", type=int, default=300)
+    demo.add_argument("--schedule", default="constant")
+    demo.set_defaults(run=_demo)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.run(args)
+    except ValueError as exc:  # bad names and options: a clear message, no traceback
+        print(f"optim-plugins: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

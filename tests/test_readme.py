@@ -1,0 +1,42 @@
+"""The README's commands are the ones CI and users run."""
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def readme_commands() -> list[str]:
+    lines = (ROOT / "README.md").read_text().splitlines()
+    return [line for line in lines if line.startswith("python3 -m venv")]
+
+
+def test_ci_runs_exactly_the_readme_test_command():
+    setup_and_demo, setup_and_test = readme_commands()[:2]
+    ci = [line for line in (ROOT / ".ci" / "run").read_text().splitlines() if line and not line.startswith(("#", "set ", "cd "))]
+    assert ci == [setup_and_test]
+    assert setup_and_test.endswith("-m pytest") and "constraints-cpu.txt" in setup_and_test
+    assert setup_and_demo.endswith("optim-plugins demo")
+
+
+def test_cli_list_prints_the_registry():
+    import optim_plugins as op
+
+    out = subprocess.run([sys.executable, "-m", "optim_plugins.cli", "list"], capture_output=True, text=True, check=True).stdout
+    for name in op.list_optimizers() + op.list_schedulers():
+        assert f"  {name} " in out
+
+
+def test_cli_demo_loss_falls():
+    from optim_plugins.cli import main
+
+    assert main(["demo", "--steps", "60"]) == 0
+
+
+def test_cli_reports_bad_names_without_a_traceback(capsys):
+    from optim_plugins.cli import main
+
+    assert main(["describe", "adamww"]) == 2
+    assert "did you mean 'adamw'" in capsys.readouterr().err
