@@ -1,4 +1,4 @@
-"""``optim-plugins``: list | describe NAME | demo."""
+"""``optim-plugins``: list | describe NAME | demo | plot-schedule NAME."""
 from __future__ import annotations
 
 import argparse
@@ -40,6 +40,14 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _plot_schedule(args: argparse.Namespace) -> int:
+    from .schedulers.plot import parse_option_pairs, plot_schedule
+
+    out = plot_schedule(args.name, args.steps, parse_option_pairs(args.option, args.name), args.output)
+    print(f"wrote {out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="optim-plugins", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -53,6 +61,13 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--steps", type=int, default=300)
     demo.add_argument("--schedule", default="constant")
     demo.set_defaults(run=_demo)
+    plot = commands.add_parser("plot-schedule", help="write a PNG of a schedule's lr (and cycled momentum) per step")
+    plot.add_argument("name")
+    plot.add_argument("--steps", type=int, required=True, help="num_training_steps")
+    plot.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
+                      help="a schedule option, typed by its schema (repeatable), e.g. num_warmup_steps=100")
+    plot.add_argument("-o", "--output", default="lr.png")
+    plot.set_defaults(run=_plot_schedule)
     return parser
 
 

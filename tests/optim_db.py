@@ -35,6 +35,12 @@ class OptimInfo:
     # Zero gradients from the first step leave parameters unchanged (with weight decay 0).
     zero_grads_keep_params: bool = True
     supports_complex: bool = True
+    # Steps of the reference comparison (200 by the Foundation's rule; fewer only with a reason).
+    reference_steps: int = 200
+    # bf16/fp16 parameters: the objective falls within 20 steps at the first option set.
+    low_precision_learns: bool = True
+    # Generic tests that do not apply, each with the reason: {"test_name": "why"}.
+    not_applicable: dict[str, str] = field(default_factory=dict)
 
 
 def torch_reference(cls: type, drop: tuple[str, ...] = ()) -> Callable[[list, dict], torch.optim.Optimizer]:
@@ -57,11 +63,16 @@ class DecoupledSGDReference(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
         for group in self.inner.param_groups:
             for p in group["params"]:
                 if p.grad is not None:
                     p.mul_(1 - group["lr"] * self.decay)
-        return self.inner.step(closure)
+        self.inner.step()
+        return loss
 
 
 def sgd_reference(params, options):
@@ -78,74 +89,89 @@ ADAM_INVALID = [
     (dict(weight_decay=-0.1), "weight_decay"),
 ]
 
-OPTIMIZER_DB: dict[str, OptimInfo] = {
-    info.name: info
-    for info in [
-        OptimInfo(
-            "sgd",
-            grid(lr=[0.05], momentum=[0.0, 0.9], weight_decay=[0.0, 0.1], nesterov=[False])
-            + grid(lr=[0.05], momentum=[0.9], dampening=[0.0], nesterov=[True], weight_decay=[0.0, 0.1], maximize=[False, True])
-            + grid(lr=[0.05], momentum=[0.9], dampening=[0.5], weight_decay=[0.1], decoupled_weight_decay=[True]),
-            reference=sgd_reference,
-            invalid=[(dict(lr=-0.1), "lr"), (dict(momentum=-0.9), "momentum"),
-                     (dict(nesterov=True), "nesterov"), (dict(momentum=0.9, dampening=0.1, nesterov=True), "nesterov")],
-            recommended=dict(lr=0.1, momentum=0.9, weight_decay=1e-4),
-        ),
-        OptimInfo(
-            "adam",
-            grid(lr=[0.01], amsgrad=[False, True], weight_decay=[0.0, 0.1], decoupled_weight_decay=[False, True])
-            + [dict(lr=0.01, maximize=True, weight_decay=0.1)],
-            reference=torch_reference(torch.optim.Adam),
-            invalid=ADAM_INVALID,
-            recommended=dict(lr=3e-3),
-        ),
-        OptimInfo(
-            "adamw",
-            grid(lr=[0.01], amsgrad=[False, True], weight_decay=[0.0, 0.1], maximize=[False, True]),
-            reference=torch_reference(torch.optim.AdamW),
-            invalid=ADAM_INVALID,
-            recommended=dict(lr=3e-3, weight_decay=0.01),
-        ),
-        OptimInfo(
-            "adamax",
-            grid(lr=[0.01], weight_decay=[0.0, 0.1], maximize=[False, True]),
-            reference=torch_reference(torch.optim.Adamax),
-            invalid=ADAM_INVALID,
-            recommended=dict(lr=5e-3),
-        ),
-        OptimInfo(
-            "nadam",
-            grid(lr=[0.01], weight_decay=[0.0, 0.1], decoupled_weight_decay=[False, True], momentum_decay=[4e-3])
-            + [dict(lr=0.01, momentum_decay=0.01, maximize=True)],
-            reference=torch_reference(torch.optim.NAdam),
-            invalid=ADAM_INVALID + [(dict(momentum_decay=-1.0), "momentum_decay")],
-            recommended=dict(lr=3e-3),
-        ),
-        OptimInfo(
-            "radam",
-            grid(lr=[0.01], weight_decay=[0.0, 0.1], decoupled_weight_decay=[False, True])
-            + [dict(lr=0.01, maximize=True)],
-            reference=torch_reference(torch.optim.RAdam),
-            invalid=ADAM_INVALID,
-            recommended=dict(lr=3e-3),
-        ),
-        OptimInfo(
-            "adagrad",
-            grid(lr=[0.05], lr_decay=[0.0, 0.01], weight_decay=[0.0, 0.1], initial_accumulator_value=[0.0, 0.1])
-            + [dict(lr=0.05, maximize=True, eps=1e-6)],
-            reference=torch_reference(torch.optim.Adagrad),
-            invalid=[(dict(lr=-1.0), "lr"), (dict(lr_decay=-0.1), "lr_decay"),
-                     (dict(initial_accumulator_value=-1.0), "initial_accumulator_value"), (dict(eps=-1.0), "eps")],
-            recommended=dict(lr=0.05),
-        ),
-        OptimInfo(
-            "rmsprop",
-            grid(lr=[0.01], momentum=[0.0, 0.9], centered=[False, True], weight_decay=[0.0, 0.1])
-            + [dict(lr=0.01, alpha=0.9, maximize=True)],
-            reference=torch_reference(torch.optim.RMSprop),
-            invalid=[(dict(lr=-1.0), "lr"), (dict(alpha=-0.5), "alpha"), (dict(momentum=-0.1), "momentum"),
-                     (dict(eps=-1.0), "eps")],
-            recommended=dict(lr=1e-3),
-        ),
-    ]
-}
+CORE_ENTRIES: list[OptimInfo] = [
+    OptimInfo(
+        "sgd",
+        grid(lr=[0.05], momentum=[0.9, 0.0], weight_decay=[0.0, 0.1], nesterov=[False])
+        + grid(lr=[0.05], momentum=[0.9], dampening=[0.0], nesterov=[True], weight_decay=[0.0, 0.1], maximize=[False, True])
+        + grid(lr=[0.05], momentum=[0.9], dampening=[0.5], weight_decay=[0.1], decoupled_weight_decay=[True]),
+        reference=sgd_reference,
+        invalid=[(dict(lr=-0.1), "lr"), (dict(momentum=-0.9), "momentum"),
+                 (dict(nesterov=True), "nesterov"), (dict(momentum=0.9, dampening=0.1, nesterov=True), "nesterov")],
+        recommended=dict(lr=0.1, momentum=0.9, weight_decay=1e-4),
+    ),
+    OptimInfo(
+        "adam",
+        grid(lr=[0.01], amsgrad=[False, True], weight_decay=[0.0, 0.1], decoupled_weight_decay=[False, True])
+        + [dict(lr=0.01, maximize=True, weight_decay=0.1)],
+        reference=torch_reference(torch.optim.Adam),
+        invalid=ADAM_INVALID,
+        recommended=dict(lr=3e-3),
+    ),
+    OptimInfo(
+        "adamw",
+        grid(lr=[0.01], amsgrad=[False, True], weight_decay=[0.0, 0.1], maximize=[False, True]),
+        reference=torch_reference(torch.optim.AdamW),
+        invalid=ADAM_INVALID,
+        recommended=dict(lr=3e-3, weight_decay=0.01),
+    ),
+    OptimInfo(
+        "adamax",
+        grid(lr=[0.01], weight_decay=[0.0, 0.1], maximize=[False, True]),
+        reference=torch_reference(torch.optim.Adamax),
+        invalid=ADAM_INVALID,
+        recommended=dict(lr=5e-3),
+    ),
+    OptimInfo(
+        "nadam",
+        grid(lr=[0.01], weight_decay=[0.0, 0.1], decoupled_weight_decay=[False, True], momentum_decay=[4e-3])
+        + [dict(lr=0.01, momentum_decay=0.01, maximize=True)],
+        reference=torch_reference(torch.optim.NAdam),
+        invalid=ADAM_INVALID + [(dict(momentum_decay=-1.0), "momentum_decay")],
+        recommended=dict(lr=3e-3),
+    ),
+    OptimInfo(
+        "radam",
+        grid(lr=[0.01], weight_decay=[0.0, 0.1], decoupled_weight_decay=[False, True])
+        + [dict(lr=0.01, maximize=True)],
+        reference=torch_reference(torch.optim.RAdam),
+        invalid=ADAM_INVALID,
+        recommended=dict(lr=3e-3),
+    ),
+    OptimInfo(
+        "adagrad",
+        grid(lr=[0.05], lr_decay=[0.0, 0.01], weight_decay=[0.0, 0.1], initial_accumulator_value=[0.0, 0.1])
+        + [dict(lr=0.05, maximize=True, eps=1e-6)],
+        reference=torch_reference(torch.optim.Adagrad),
+        invalid=[(dict(lr=-1.0), "lr"), (dict(lr_decay=-0.1), "lr_decay"),
+                 (dict(initial_accumulator_value=-1.0), "initial_accumulator_value"), (dict(eps=-1.0), "eps")],
+        recommended=dict(lr=0.05),
+    ),
+    OptimInfo(
+        "rmsprop",
+        grid(lr=[0.01], momentum=[0.0, 0.9], centered=[False, True], weight_decay=[0.0, 0.1])
+        + [dict(lr=0.01, alpha=0.9, maximize=True)],
+        reference=torch_reference(torch.optim.RMSprop),
+        invalid=[(dict(lr=-1.0), "lr"), (dict(alpha=-0.5), "alpha"), (dict(momentum=-0.1), "momentum"),
+                 (dict(eps=-1.0), "eps")],
+        recommended=dict(lr=1e-3),
+    ),
+]
+
+
+def _collect() -> dict[str, OptimInfo]:
+    """Core entries plus ``ENTRIES`` of every ``optim_db_*.py`` beside this file (one per family)."""
+    import importlib
+    from pathlib import Path
+
+    entries = list(CORE_ENTRIES)
+    for path in sorted(Path(__file__).parent.glob("optim_db_*.py")):
+        entries += importlib.import_module(path.stem).ENTRIES
+    db: dict[str, OptimInfo] = {}
+    for info in entries:
+        assert info.name not in db, f"two test-database entries for {info.name!r}"
+        db[info.name] = info
+    return db
+
+
+OPTIMIZER_DB = _collect()

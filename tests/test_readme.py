@@ -40,3 +40,12 @@ def test_cli_reports_bad_names_without_a_traceback(capsys):
 
     assert main(["describe", "adamww"]) == 2
     assert "did you mean 'adamw'" in capsys.readouterr().err
+
+
+def test_cli_plot_schedule_writes_a_png(tmp_path):
+    from optim_plugins.cli import main
+
+    out = tmp_path / "lr.png"
+    assert main(["plot-schedule", "warmup_cosine", "--steps", "50", "--option", "num_warmup_steps=5", "-o", str(out)]) == 0
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and out.stat().st_size > 5000
+    assert main(["plot-schedule", "warmup_cosine", "--steps", "50", "--option", "bogus=1", "-o", str(out)]) == 2

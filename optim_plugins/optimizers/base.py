@@ -211,7 +211,8 @@ class Optimizer(torch.optim.Optimizer):
         states = [self._state_of(p, group) for p in params]
         for state in states:
             state["step"] += 1
-        if self._backend(group) == "reference":
+        per_tensor = self._backend(group) == "reference" or not self.capabilities.elementwise
+        if per_tensor:  # whole-tensor math (norms, factored moments, matmuls) runs one tensor at a time
             buckets: Iterable[list[int]] = ([i] for i in range(len(params)))
         else:
             keyed: dict[tuple, list[int]] = defaultdict(list)
@@ -220,7 +221,7 @@ class Optimizer(torch.optim.Optimizer):
                 keyed[(p.device, p.dtype, p.is_complex(), scalars)].append(i)
             buckets = keyed.values()
         for index in buckets:
-            self._apply(group, [params[i] for i in index], [grads[i] for i in index], [states[i] for i in index])
+            self._apply(group, [params[i] for i in index], [grads[i] for i in index], [states[i] for i in index], per_tensor)
 
     def _backend(self, group: Mapping[str, Any]) -> str:
         backend = group["backend"]
@@ -237,7 +238,8 @@ class Optimizer(torch.optim.Optimizer):
                 state["compensation"] = torch.zeros_like(p, memory_format=torch.preserve_format)
         return state
 
-    def _apply(self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor], states: list[dict]) -> None:
+    def _apply(self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor], states: list[dict],
+               per_tensor: bool) -> None:
         step = states[0]["step"].item()
         dtype = params[0].dtype
         mode = resolve_compensation(group["compensation"], dtype)
@@ -246,7 +248,7 @@ class Optimizer(torch.optim.Optimizer):
         if upcast and self.state_dtype(params[0], group) != dtype:
             grads = [g.float() for g in grads]
         names = [k for k in states[0] if k not in MACHINERY_STATE]
-        if len(params) == 1 and self._backend(group) == "reference":
+        if per_tensor:
             p, g = _real(work[0]), _real(grads[0])
             state = {k: _real(states[0][k]) if _is_array(states[0][k]) else states[0][k] for k in names}
         else:
