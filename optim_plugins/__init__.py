@@ -13,9 +13,10 @@ from typing import Any, Iterable, Mapping, Sequence
 import torch
 from torch import nn
 
-from . import optimizers, schedulers
+from . import distributed, optimizers, schedulers
 from .config import OptimizerConfig, SchedulerConfig, parse_optim_args
 from .lr_finder import LRFindResult, lr_find
+from .memory import state_bytes, state_bytes_per_param
 from .param_groups import describe_param_groups, format_param_groups, param_groups
 from .registry import (
     OptimizerSpec,
@@ -29,6 +30,8 @@ from .registry import (
     register_optimizer,
     register_scheduler,
 )
+from .release import GradientRelease, release_gradients
+from .training import StepResult, StepRunner, adaptive_clip_grad_
 
 __version__ = "0.1.0"
 
@@ -47,7 +50,8 @@ def create_optimizer(
 ) -> torch.optim.Optimizer:
     """Build the optimizer registered as ``name``.
 
-    A ``torch.nn.Module`` gets parameter groups from :func:`param_groups`: no weight decay
+    A ``torch.nn.Module`` gets parameter groups from :func:`param_groups` (or from the
+    optimizer's own ``model_param_groups``, e.g. Muon's and GaLore's): no weight decay
     on biases, norm weights and 0/1-dim tensors (``weight_decay`` defaults to the
     optimizer's own default), and optionally ``layer_decay``, ``overrides``, ``no_decay``
     and ``decay_embeddings`` as there. An iterable of tensors or group dicts is passed
@@ -74,9 +78,13 @@ def create_optimizer(
         kwargs["weight_decay"] = weight_decay
     check_options(spec, kwargs, "optimizer")
     if isinstance(model_or_params, nn.Module):
-        default_lr = spec.options["lr"].default if "lr" in spec.options else None
-        params: Any = param_groups(model_or_params, weight_decay=weight_decay, lr=kwargs.get("lr", default_lr),
-                                   optimizer=spec.name, **group_settings)
+        model_groups = getattr(spec.factory, "model_param_groups", None)
+        if model_groups is not None:  # optimizers that choose their tensors from the model (Muon, GaLore, APOLLO)
+            params, kwargs = model_groups(model_or_params, kwargs, **group_settings)
+        else:
+            default_lr = spec.options["lr"].default if "lr" in spec.options else None
+            params = param_groups(model_or_params, weight_decay=weight_decay, lr=kwargs.get("lr", default_lr),
+                                  optimizer=spec.name, **group_settings)
     elif group_settings:
         raise ValueError(f"{', '.join(group_settings)} need a torch.nn.Module, not a list of parameters or groups")
     else:
@@ -117,15 +125,20 @@ def create_scheduler(
 
 
 __all__ = [
+    "GradientRelease",
     "LRFindResult",
     "OptimizerConfig",
     "OptimizerSpec",
     "SchedulerConfig",
     "SchedulerSpec",
+    "StepResult",
+    "StepRunner",
+    "adaptive_clip_grad_",
     "create_optimizer",
     "create_scheduler",
     "describe",
     "describe_param_groups",
+    "distributed",
     "format_param_groups",
     "get_optimizer_spec",
     "get_scheduler_spec",
@@ -137,5 +150,8 @@ __all__ = [
     "parse_optim_args",
     "register_optimizer",
     "register_scheduler",
+    "release_gradients",
     "schedulers",
+    "state_bytes",
+    "state_bytes_per_param",
 ]

@@ -1,4 +1,4 @@
-"""``optim-plugins``: list | describe NAME | demo | plot-schedule NAME."""
+"""``optim-plugins``: list | describe NAME | demo | plot-schedule NAME | bench."""
 from __future__ import annotations
 
 import argparse
@@ -48,6 +48,30 @@ def _plot_schedule(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench(args: argparse.Namespace) -> int:
+    from .bench import main as bench
+
+    command = ("optim-plugins bench " + " ".join(sys.argv[2:])).strip()
+    if args.memory:
+        from pathlib import Path
+
+        import torch
+
+        import optim_plugins as op
+        from .bench import memory_markdown, state_memory
+
+        names = op.list_optimizers() if args.optimizers == "all" else args.optimizers.split(",")
+        dtype = getattr(torch, args.dtype)
+        table = memory_markdown(state_memory(names, dtype), dtype, command)
+        if args.output:
+            Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.output).write_text(table)
+        print(table)
+        return 0
+    print(bench(args.optimizers.split(","), int(args.params), args.repeats, args.output, command))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="optim-plugins", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -68,6 +92,14 @@ def build_parser() -> argparse.ArgumentParser:
                       help="a schedule option, typed by its schema (repeatable), e.g. num_warmup_steps=100")
     plot.add_argument("-o", "--output", default="lr.png")
     plot.set_defaults(run=_plot_schedule)
+    bench = commands.add_parser("bench", help="time optimizer steps side by side with torch.optim; write a table")
+    bench.add_argument("--optimizers", default="adamw,sgd,rmsprop", help="comma-separated registry names")
+    bench.add_argument("--params", type=float, default=4e6, help="number of fp32 parameters")
+    bench.add_argument("--repeats", type=int, default=10)
+    bench.add_argument("-o", "--output", default="benchmarks/results.md")
+    bench.add_argument("--memory", action="store_true", help="state bytes per parameter instead of step speed")
+    bench.add_argument("--dtype", default="float32", help="parameter dtype for --memory (float32, bfloat16)")
+    bench.set_defaults(run=_bench)
     return parser
 
 

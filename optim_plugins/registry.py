@@ -211,10 +211,13 @@ class Capabilities:
 
     ``shardable``: ``"elements"`` (elementwise math, any split works), ``"tensors"``
     (whole-tensor math: factored, trust-ratio, orthogonalised updates) or ``"no"``.
+    ``needs_create_graph``: the closure's backward must keep the graph (Hutchinson
+    Hessian estimates: ``loss.backward(create_graph=True)``).
     """
 
     elementwise: bool = False
     needs_closure: bool = False
+    needs_create_graph: bool = False
     needs_model: bool = False
     train_eval: bool = False
     amp_aware: bool = False

@@ -186,3 +186,21 @@ def maximum(a, b):
     if isinstance(a, TensorList):
         return TensorList(torch._foreach_maximum(a.tensors, b.tensors))
     return torch.maximum(a, b)
+
+
+def _clamp_max_(self: TensorList, value: Number) -> TensorList:
+    torch._foreach_clamp_max_(self.tensors, value)
+    return self
+
+
+def _clamp_max(self: TensorList, value: Number) -> TensorList:
+    return TensorList(torch._foreach_clamp_max(self.tensors, value))
+
+
+def _clamp_min(self: TensorList, value: Number) -> TensorList:
+    return TensorList(torch._foreach_clamp_min(self.tensors, value))
+
+
+TensorList.clamp_max_ = _clamp_max_  # appended (family II): upper clips (Sophia, ADOPT)
+TensorList.clamp_max = _clamp_max
+TensorList.clamp_min = _clamp_min

@@ -11,7 +11,8 @@ collecting gradients (``None`` skipped, sparse refused), the per-parameter ``ste
 count, ``maximize``, weight decay in every mode, the non-finite-gradient policy, the
 precision of the parameter write (Kahan / stochastic rounding for bf16), backends
 (``reference``: one tensor at a time; ``foreach``: the same ``update`` run on
-``TensorList`` buckets), and a ``load_state_dict`` that checks before it changes.
+``TensorList`` buckets), state codecs (``state_codecs``: states stored compactly, e.g.
+8-bit, decoded around ``update``), and a ``load_state_dict`` that checks before it changes.
 """
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ from torch import Tensor
 
 from ..kernels.foreach import TensorList
 from ..registry import Capabilities, Option, options_of
+from .codecs import StateCodec
 from .common import WeightDecayMode, apply_weight_decay, check_choice, check_lr
 from .precision import LOW_PRECISION, resolve_compensation, working_copy, write_back
 
@@ -74,6 +76,12 @@ def _real(t: Tensor) -> Tensor:
     return torch.view_as_real(t) if t.is_complex() else t
 
 
+def _decoded(state: Mapping[str, Any], codecs: Mapping[str, StateCodec], dtype: torch.dtype) -> dict[str, Any]:
+    """The state ``update`` sees: machinery entries left out, coded states decoded to ``dtype``."""
+    hidden = {*MACHINERY_STATE, *(key for name, codec in codecs.items() for key in codec.keys(name)[1:])}
+    return {k: codecs[k].decode(k, state, dtype) if k in codecs else v for k, v in state.items() if k not in hidden}
+
+
 class Optimizer(torch.optim.Optimizer):
     """Base class: a ``torch.optim.Optimizer`` whose subclasses write only their math."""
 
@@ -104,6 +112,14 @@ class Optimizer(torch.optim.Optimizer):
         """The per-parameter state tensors (``step`` is added by the machinery)."""
         dtype = self.state_dtype(p, group)
         return {name: torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format) for name in self.state_names(group)}
+
+    def state_codecs(self, p: Tensor, group: Mapping[str, Any]) -> Mapping[str, StateCodec]:
+        """``{state name: codec}`` for the states of ``p`` stored compactly (none by default).
+
+        The machinery encodes what ``init_state`` returns, decodes each coded state into a
+        temporary of the working dtype before ``update`` and encodes it back after it.
+        """
+        return {}
 
     def weight_decay_mode(self, group: Mapping[str, Any]) -> WeightDecayMode | None:
         """How ``group["weight_decay"]`` applies: "l2", "decoupled", "fixed" (None: not at all)."""
@@ -233,9 +249,16 @@ class Optimizer(torch.optim.Optimizer):
         state = self.state[p]
         if not state:
             state["step"] = torch.tensor(0.0, dtype=_scalar_dtype())
-            state.update(self.init_state(p, group))
+            state.update(self._initial_state(p, group))
             if resolve_compensation(group["compensation"], p.dtype) == "kahan":
                 state["compensation"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        return state
+
+    def _initial_state(self, p: Tensor, group: Mapping[str, Any]) -> dict[str, Tensor]:
+        """``init_state`` with the coded states encoded: what ``self.state[p]`` holds."""
+        state = self.init_state(p, group)
+        for name, codec in self.state_codecs(p, group).items():
+            state.update(codec.init(name, state.pop(name)))
         return state
 
     def _apply(self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor], states: list[dict],
@@ -247,16 +270,18 @@ class Optimizer(torch.optim.Optimizer):
         work = [working_copy(p, s.get("compensation")) for p, s in zip(params, states)] if upcast else params
         if upcast and self.state_dtype(params[0], group) != dtype:
             grads = [g.float() for g in grads]
-        names = [k for k in states[0] if k not in MACHINERY_STATE]
+        codecs = [self.state_codecs(p, group) for p in params]
+        views = [_decoded(s, c, w.dtype) for s, c, w in zip(states, codecs, work)]
+        names = list(views[0])
         if per_tensor:
             p, g = _real(work[0]), _real(grads[0])
-            state = {k: _real(states[0][k]) if _is_array(states[0][k]) else states[0][k] for k in names}
+            state = {k: _real(views[0][k]) if _is_array(views[0][k]) else views[0][k] for k in names}
         else:
             p = TensorList(_real(t) for t in work)
             g = TensorList(_real(t) for t in grads)
             state = {
-                k: TensorList(_real(s[k]) if _is_array(s[k]) else s[k] for s in states)
-                if torch.is_tensor(states[0][k]) else states[0][k]
+                k: TensorList(_real(s[k]) if _is_array(s[k]) else s[k] for s in views)
+                if torch.is_tensor(views[0][k]) else views[0][k]
                 for k in names
             }
         if group["maximize"]:
@@ -264,6 +289,9 @@ class Optimizer(torch.optim.Optimizer):
         lr = group.get("lr", 0.0)
         g = apply_weight_decay(p, g, self.weight_decay_mode(group), group.get("weight_decay", 0.0), lr)
         self.update(p, g, state, group, step)
+        for view, stored, coded in zip(views, states, codecs):
+            for name, codec in coded.items():
+                codec.encode(name, view[name], stored)
         if upcast:
             for param, w, s in zip(params, work, states):
                 write_back(param, w, mode, s.get("compensation"))
@@ -307,7 +335,7 @@ class Optimizer(torch.optim.Optimizer):
             for index, p in zip(saved["params"], group["params"]):
                 if index not in saved_state:
                     continue
-                wanted = self.init_state(torch.empty_like(p, device="meta"), options)
+                wanted = self._initial_state(torch.empty_like(p, device="meta"), options)
                 self._check_param_state(saved_state[index], p, wanted, f"parameter {index} (group {gi})")
                 expected[index] = (p, wanted)
         return expected

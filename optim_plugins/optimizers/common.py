@@ -9,7 +9,9 @@ import math
 from numbers import Number
 from typing import Literal, Sequence
 
-from ..kernels.foreach import maximum_
+import torch
+
+from ..kernels.foreach import TensorList, maximum_
 
 WeightDecayMode = Literal["l2", "decoupled", "fixed"]
 
@@ -94,3 +96,68 @@ def rectification(beta2: float, step: float) -> tuple[float, float | None]:
         return rho_t, None
     r_t = ((rho_t - 4) * (rho_t - 2) * rho_inf / ((rho_inf - 4) * (rho_inf - 2) * rho_t)) ** 0.5
     return rho_t, r_t
+
+
+# ----------------------------------------------------------------------------- trust ratio (LARS, LAMB)
+
+
+def trust_ratio(param_norm, update_norm, coefficient: float = 1.0, eps: float = 0.0,
+                max_ratio: float | None = None):
+    """Layer-wise trust ratio ``coefficient * ||w|| / (||u|| + eps)`` of one tensor (0-d tensors in and out).
+
+    1 where either norm is 0 (a fresh or zero tensor keeps the plain step), as in LARS
+    (You et al., 2017) and LAMB (You et al., 2020); ``max_ratio`` clamps it from above
+    (LARC's clipping, timm's ``trust_clip``).
+    """
+    import torch  # imported here: the rest of this module needs no torch (it serves TensorLists too)
+
+    ratio = torch.where((param_norm > 0) & (update_norm > 0), coefficient * param_norm / (update_norm + eps),
+                        torch.ones_like(param_norm))
+    return ratio.clamp_(max=max_ratio) if max_ratio is not None else ratio
+
+
+def clip_(update, bound: float):
+    """Clip ``update`` elementwise to ``[-bound, bound]`` in place (Sophia's and ADOPT's clipping)."""
+    return update.clamp_min_(-bound).clamp_max_(bound)
+
+
+# ----------------------------------------------------------------------------- family I pieces
+# (AdaNorm, gradient centralization, Lookahead's slow-weight sync)
+
+
+def adanorm_gradient(g, exp_grad_norm, r: float):
+    """AdaNorm (Dubey et al. 2023): lift a gradient whose norm is below its running average.
+
+    ``e = r e + (1 - r) ||g||``; returns ``g * e / ||g||`` where ``e > ||g|| > 0``, else ``g``.
+    ``exp_grad_norm`` (shape ``(1,)``, one per tensor) is updated in place. Per-tensor norms:
+    on a ``TensorList`` each tensor is handled whole.
+    """
+    if isinstance(g, TensorList):
+        return TensorList(adanorm_gradient(t, e, r) for t, e in zip(g, exp_grad_norm))
+    grad_norm = torch.linalg.vector_norm(g)
+    exp_grad_norm.mul_(r).add_(grad_norm, alpha=1 - r)
+    e = exp_grad_norm.reshape(())
+    lift = (grad_norm > 0) & (e > grad_norm)  # no host sync: both branches as tensor ops
+    return g.mul(torch.where(lift, e, 1.0)).div_(torch.where(lift, grad_norm, 1.0))
+
+
+def centralize_gradient(g, conv_only: bool = False):
+    """Gradient centralization (Yong et al. 2020): subtract the mean over all dims but the first.
+
+    Applies to tensors of more than one dimension (more than three with ``conv_only``); others
+    are returned unchanged. Out of place; per tensor on a ``TensorList``.
+    """
+    if isinstance(g, TensorList):
+        return TensorList(centralize_gradient(t, conv_only) for t in g)
+    if g.dim() <= (3 if conv_only else 1):
+        return g
+    return g.sub(g.mean(dim=tuple(range(1, g.dim())), keepdim=True))
+
+
+def lookahead_(p, slow, alpha: float) -> None:
+    """Lookahead (Zhang et al. 2019): ``slow += alpha (p - slow)``; then ``p = slow``.
+
+    ``slow`` may be kept in another dtype than ``p`` (``state_dtype``); ``p`` is rounded to it.
+    """
+    slow.lerp_(p if p.dtype == slow.dtype else p.to(slow.dtype), alpha)
+    p.copy_(slow)

@@ -1,0 +1,70 @@
+"""State codecs: how the step machinery stores a state tensor compactly.
+
+An optimizer names, per parameter, which of its states a codec keeps
+(``Optimizer.state_codecs``). The machinery encodes the state ``init_state`` returns,
+decodes each coded state into a temporary of the working dtype before ``update`` and
+encodes it back after, so an algorithm's ``update`` is the same code with or without a
+codec (``adam8bit`` is ``adam``'s update with :class:`Blockwise8bit` states).
+
+A codec stores state ``name`` under ``keys(name)`` (``name`` itself first, then its side
+tensors): plain tensors, so ``state_dict`` saves them as they are and
+``load_state_dict`` checks their shapes against the encoded ``init_state``.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ..kernels.quantize import BLOCK_SIZE, dequantize_blockwise, num_blocks, quantize_blockwise_
+
+
+class StateCodec:
+    """Stores one state tensor in another form; subclasses write the four methods below."""
+
+    def keys(self, name: str) -> tuple[str, ...]:
+        """The state keys this codec stores ``name`` under (``name`` first)."""
+        return (name,)
+
+    def init(self, name: str, value: Tensor) -> dict[str, Tensor]:
+        """Encoded storage for the fresh state ``value`` (on the meta device: shapes only)."""
+        raise NotImplementedError
+
+    def decode(self, name: str, state: dict[str, Tensor], dtype: torch.dtype) -> Tensor:
+        """A new tensor of ``dtype`` holding the value of state ``name``."""
+        raise NotImplementedError
+
+    def encode(self, name: str, value: Tensor, state: dict[str, Tensor]) -> None:
+        """Store ``value`` into the storage of state ``name``, in place."""
+        raise NotImplementedError
+
+
+class Blockwise8bit(StateCodec):
+    """Dynamic block-wise 8-bit state (bitsandbytes' format): uint8 codes of the parameter's
+    shape plus an fp32 absmax per block of 256 elements, stored as ``name`` and ``name_absmax``.
+
+    About 1.016 bytes per element; the fixed code map (``kernels.quantize.dynamic_map``) is
+    not stored. ``signed=False`` for non-negative states (second moments).
+    """
+
+    def __init__(self, signed: bool, block_size: int = BLOCK_SIZE):
+        self.signed, self.block_size = signed, block_size
+
+    def __repr__(self) -> str:
+        return f"Blockwise8bit(signed={self.signed}, block_size={self.block_size})"
+
+    def keys(self, name: str) -> tuple[str, ...]:
+        return (name, f"{name}_absmax")
+
+    def init(self, name: str, value: Tensor) -> dict[str, Tensor]:
+        codes = torch.empty(value.shape, dtype=torch.uint8, device=value.device)
+        absmax = torch.empty(num_blocks(value.numel(), self.block_size), dtype=torch.float32, device=value.device)
+        if value.device.type != "meta":
+            quantize_blockwise_(value, codes, absmax, self.signed, self.block_size)
+        return {name: codes, f"{name}_absmax": absmax}
+
+    def decode(self, name: str, state: dict[str, Tensor], dtype: torch.dtype) -> Tensor:
+        value = dequantize_blockwise(state[name], state[f"{name}_absmax"], self.signed, self.block_size)
+        return value.to(dtype)
+
+    def encode(self, name: str, value: Tensor, state: dict[str, Tensor]) -> None:
+        quantize_blockwise_(value, state[name], state[f"{name}_absmax"], self.signed, self.block_size)

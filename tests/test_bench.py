@@ -1,0 +1,34 @@
+"""The benchmark runs (smoke size) and writes its table; numbers are not asserted (no wall clock in tests)."""
+from __future__ import annotations
+
+from optim_plugins.bench import make_params, markdown, run
+
+
+def test_bench_smoke_writes_a_table(tmp_path):
+    from optim_plugins.cli import main
+
+    out = tmp_path / "results.md"
+    assert main(["bench", "--optimizers", "adamw,sgd", "--params", "20000", "--repeats", "2", "-o", str(out)]) == 0
+    table = out.read_text()
+    for variant in ("torch fused=True", "optim_plugins backend=foreach", "optim_plugins backend=reference"):
+        assert f"| adamw | {variant} |" in table
+    assert "| sgd | torch foreach=True |" in table
+
+
+def test_bench_counts_state_bytes():
+    rows, numel = run(["adamw", "sgd"], total=5000, warmup=1, repeats=1)
+    assert numel == sum(p.numel() for p in make_params(5000))
+    for row in rows:
+        assert row.state_bytes_per_param == (8.0 if row.name == "adamw" else 4.0)  # fp32 moments / momentum buffer
+    assert "x fastest torch AdamW" in markdown(rows, numel, "test")
+
+
+def test_state_memory_table_counts_bytes_per_parameter():
+    from optim_plugins.bench import memory_markdown, state_memory
+
+    rows = dict((name, state) for name, state, _ in state_memory(["adamw", "adamw8bit", "adafactor", "sgd"]))
+    assert abs(rows["adamw"] - 8.0) < 1e-3  # two fp32 moments (+ two 0-d step tensors)
+    assert 2.0 <= rows["adamw8bit"] <= 2.1  # int8 codes + fp32 absmax per 256-block, the issue's bound
+    assert rows["adafactor"] < 0.05  # factored row/column moments of the 1024x1024 weight
+    assert rows["sgd"] < 1e-3  # no momentum: only step counters
+    assert "| adamw | 8.00 |" in memory_markdown(list(zip(rows, rows.values(), rows.values())), None, "test")
