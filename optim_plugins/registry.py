@@ -236,16 +236,7 @@ class OptimizerSpec:
 
     @classmethod
     def from_class(cls, name: str, factory: Callable[..., Any], source: str = "") -> OptimizerSpec:
-        doc = inspect.getdoc(factory) or ""
-        return cls(
-            name=normalize_name(name),
-            factory=factory,
-            summary=doc.splitlines()[0] if doc else "",
-            aliases=tuple(normalize_name(a) for a in getattr(factory, "aliases", ())),
-            options=options_of(factory),
-            capabilities=getattr(factory, "capabilities", Capabilities()),
-            source=source,
-        )
+        return cls(**_described(name, factory, source), capabilities=getattr(factory, "capabilities", Capabilities()))
 
     @property
     def default_weight_decay(self) -> float | None:
@@ -264,15 +255,20 @@ class SchedulerSpec:
 
     @classmethod
     def from_class(cls, name: str, factory: Callable[..., Any], source: str = "") -> SchedulerSpec:
-        doc = inspect.getdoc(factory) or ""
-        return cls(
-            name=normalize_name(name),
-            factory=factory,
-            summary=doc.splitlines()[0] if doc else "",
-            aliases=tuple(normalize_name(a) for a in getattr(factory, "aliases", ())),
-            options=options_of(factory),
-            source=source,
-        )
+        return cls(**_described(name, factory, source))
+
+
+def _described(name: str, factory: Callable[..., Any], source: str) -> dict[str, Any]:
+    """The spec fields read off a class or factory: summary, aliases and option schema."""
+    doc = inspect.getdoc(factory) or ""
+    return dict(
+        name=normalize_name(name),
+        factory=factory,
+        summary=doc.splitlines()[0] if doc else "",
+        aliases=tuple(normalize_name(a) for a in getattr(factory, "aliases", ())),
+        options=options_of(factory),
+        source=source,
+    )
 
 
 class _Registry:

@@ -9,7 +9,7 @@ import torch
 from ..registry import Capabilities
 from .base import Optimizer
 from .common import check_lr, check_range
-from .factored import FP32_STATE_OPTIONS, factored_ema_, factored_rsqrt, factored_zeros, is_factored, rms, row_col_means
+from .factored import FP32_STATE_OPTIONS, clipped_second_moment_step, factored_zeros, rms
 
 
 class Adafactor(Optimizer):
@@ -110,16 +110,7 @@ class Adafactor(Optimizer):
         state["RMS"].copy_(param_rms)
         lr = self._relative_lr(group, step, param_rms)
         beta2t = 1.0 - math.pow(step, group["decay_rate"])
-        update = (g**2) + group["eps"][0]
-        if is_factored(p):
-            row, col = state["exp_avg_sq_row"], state["exp_avg_sq_col"]
-            factored_ema_(row, col, *row_col_means(update), beta2t)
-            update = factored_rsqrt(row, col).mul_(g)
-        else:
-            exp_avg_sq = state["exp_avg_sq"]
-            exp_avg_sq.mul_(beta2t).add_(update, alpha=1.0 - beta2t)
-            update = exp_avg_sq.rsqrt().mul_(g)
-        update.div_((rms(update) / group["clip_threshold"]).clamp_(min=1.0))
+        update = clipped_second_moment_step(p, g, state, beta2t, group["eps"][0], group["clip_threshold"])
         update.mul_(lr)
         if group["beta1"] is not None:
             update = state["exp_avg"].mul_(group["beta1"]).add_(update, alpha=1 - group["beta1"])

@@ -8,7 +8,7 @@ import torch
 from ..registry import Capabilities
 from .base import Optimizer
 from .common import check_betas, check_range
-from .factored import FP32_STATE_OPTIONS, factored_ema_, factored_rsqrt, factored_zeros, is_factored, rms, row_col_means
+from .factored import FP32_STATE_OPTIONS, clipped_second_moment_step, factored_ema_, factored_rsqrt, factored_zeros, is_factored, row_col_means
 
 
 class CAME(Optimizer):
@@ -71,16 +71,7 @@ class CAME(Optimizer):
     def update(self, p, g, state, group, step):
         beta1, beta2, beta3 = group["betas"]
         eps1, eps2 = group["eps"]
-        update = (g**2) + eps1
-        if is_factored(p):
-            row, col = state["exp_avg_sq_row"], state["exp_avg_sq_col"]
-            factored_ema_(row, col, *row_col_means(update), beta2)
-            update = factored_rsqrt(row, col).mul_(g)
-        else:
-            exp_avg_sq = state["exp_avg_sq"]
-            exp_avg_sq.mul_(beta2).add_(update, alpha=1.0 - beta2)
-            update = exp_avg_sq.rsqrt().mul_(g)
-        update.div_((rms(update) / group["clip_threshold"]).clamp_(min=1.0))
+        update = clipped_second_moment_step(p, g, state, beta2, eps1, group["clip_threshold"])
         exp_avg = state["exp_avg"]
         exp_avg.mul_(beta1).add_(update, alpha=1 - beta1)
         if is_factored(p):  # confidence: the instability (u - m)^2, factored the same way

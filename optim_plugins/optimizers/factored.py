@@ -90,3 +90,20 @@ FP32_STATE_OPTIONS: dict[str, Option] = {
         "None keeps states in the parameter's dtype.",
     ),
 }
+
+
+def clipped_second_moment_step(p: Tensor, g: Tensor, state: dict, beta2: float, eps: float,
+                               clip_threshold: float) -> Tensor:
+    """Adafactor's direction, shared with CAME: ``g / sqrt(v)`` with ``v`` an EMA of ``g^2 + eps``,
+    factored into row/column statistics for matrices, then scaled down to RMS <= ``clip_threshold``
+    (Shazeer & Stern 2018, Alg. 4-5; update clipping, section 6). Updates ``state`` in place."""
+    update = (g**2) + eps
+    if is_factored(p):
+        row, col = state["exp_avg_sq_row"], state["exp_avg_sq_col"]
+        factored_ema_(row, col, *row_col_means(update), beta2)
+        update = factored_rsqrt(row, col).mul_(g)
+    else:
+        exp_avg_sq = state["exp_avg_sq"]
+        exp_avg_sq.mul_(beta2).add_(update, alpha=1.0 - beta2)
+        update = exp_avg_sq.rsqrt().mul_(g)
+    return update.div_((rms(update) / clip_threshold).clamp_(min=1.0))
