@@ -31,6 +31,7 @@ from .registry import (
     register_scheduler,
 )
 from .release import GradientRelease, release_gradients
+from .telemetry import Telemetry, telemetry
 from .training import StepResult, StepRunner, adaptive_clip_grad_
 
 __version__ = "0.1.0"
@@ -133,6 +134,7 @@ __all__ = [
     "SchedulerSpec",
     "StepResult",
     "StepRunner",
+    "Telemetry",
     "adaptive_clip_grad_",
     "create_optimizer",
     "create_scheduler",
@@ -154,4 +156,5 @@ __all__ = [
     "schedulers",
     "state_bytes",
     "state_bytes_per_param",
+    "telemetry",
 ]

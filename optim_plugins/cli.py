@@ -1,4 +1,4 @@
-"""``optim-plugins``: list | describe NAME | demo | plot-schedule NAME | bench."""
+"""``optim-plugins``: list | describe NAME | demo | plot-schedule NAME | bench | run RECIPE."""
 from __future__ import annotations
 
 import argparse
@@ -72,6 +72,27 @@ def _bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run(args: argparse.Namespace) -> int:
+    from .recipes import run_recipe
+
+    summary = run_recipe(args.recipe, args.set, args.output_dir, resume=args.resume)
+    stages = summary["stages"]
+    for stage, result in stages.items():
+        if result.get("eval_loss_start") is not None:
+            print(f"{stage}: eval loss {result['eval_loss_start']:.4f} -> {result['eval_loss_end']:.4f} "
+                  f"(perplexity {result['eval_perplexity_end']:.2f}), {result['global_step']} steps")
+    print(f"run: {summary['seconds']:.0f} s; metrics, plots and checkpoints in {summary['output_dir']}")
+    return 0
+
+
+def _plot_telemetry(args: argparse.Namespace) -> int:
+    from .telemetry import plot_heatmap
+
+    out = plot_heatmap(args.source, args.output, metric=args.metric, log=not args.linear)
+    print(f"wrote {out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="optim-plugins", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -92,6 +113,13 @@ def build_parser() -> argparse.ArgumentParser:
                       help="a schedule option, typed by its schema (repeatable), e.g. num_warmup_steps=100")
     plot.add_argument("-o", "--output", default="lr.png")
     plot.set_defaults(run=_plot_schedule)
+    heat = commands.add_parser("plot-telemetry", help="write a PNG heat map (layers x steps) of op.telemetry records")
+    heat.add_argument("source", metavar="RUN_DIR_OR_JSON", help="a telemetry JSON-lines file, or a run directory holding telemetry*.jsonl")
+    heat.add_argument("-o", "--output", default="telemetry.png")
+    heat.add_argument("--metric", default="update_ratio",
+                      help="update_ratio (default), grad_norm, update_norm, weight_norm, lr or second_moment")
+    heat.add_argument("--linear", action="store_true", help="plot values, not log10 of them")
+    heat.set_defaults(run=_plot_telemetry)
     bench = commands.add_parser("bench", help="time optimizer steps side by side with torch.optim; write a table")
     bench.add_argument("--optimizers", default="adamw,sgd,rmsprop", help="comma-separated registry names")
     bench.add_argument("--params", type=float, default=4e6, help="number of fp32 parameters")
@@ -100,6 +128,13 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--memory", action="store_true", help="state bytes per parameter instead of step speed")
     bench.add_argument("--dtype", default="float32", help="parameter dtype for --memory (float32, bfloat16)")
     bench.set_defaults(run=_bench)
+    run = commands.add_parser("run", help="run a recipe YAML (recipes/): train, write metrics, plots, checkpoints")
+    run.add_argument("recipe", help="a recipe YAML, or the name of one under recipes/ (llm_finetune)")
+    run.add_argument("--resume", action="store_true", help="continue the run in the output directory from its last checkpoint")
+    run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                     help="override a recipe key (dotted, value read as YAML; repeatable), e.g. finetune.max_steps=10 or smoke=true")
+    run.add_argument("--output-dir", default=None, help="output directory (default: the recipe's output_dir)")
+    run.set_defaults(run=_run)
     return parser
 
 

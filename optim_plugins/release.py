@@ -250,13 +250,15 @@ def _unwrapped(step: Callable) -> Callable:
 
 
 def overrides_step(cls: type) -> bool:
-    """Whether a subclass of our base writes its own ``step`` (torch wraps ``step`` per class: compare unwrapped)."""
-    base = inspect.unwrap(BaseOptimizer.__dict__["step"])
-    for klass in cls.__mro__:
-        if klass is BaseOptimizer:
-            return False
-        if "step" in klass.__dict__ and inspect.unwrap(klass.__dict__["step"]) is not base:
-            return True
+    """Whether a subclass of our base writes its own ``step`` or a whole-optimizer ``prepare_step`` pass
+    (torch wraps ``step`` per class: compare unwrapped)."""
+    for method in ("step", "prepare_step"):
+        base = inspect.unwrap(BaseOptimizer.__dict__[method])
+        for klass in cls.__mro__:
+            if klass is BaseOptimizer:
+                break
+            if method in klass.__dict__ and inspect.unwrap(klass.__dict__[method]) is not base:
+                return True
     return False
 
 

@@ -18,7 +18,8 @@ def test_ci_runs_exactly_the_readme_test_command():
     ci = [line for line in (ROOT / ".ci" / "run").read_text().splitlines() if line and not line.startswith(("#", "set ", "cd "))]
     assert ci == [setup_and_test]
     assert setup_and_test.endswith("-m pytest") and "constraints-cpu.txt" in setup_and_test
-    assert setup_and_demo.endswith("optim-plugins demo")
+    assert setup_and_demo.endswith("optim-plugins run recipes/llm_finetune.yaml")
+    assert (ROOT / "recipes" / "llm_finetune.yaml").exists()
 
 
 def test_cli_list_prints_the_registry():

@@ -105,6 +105,12 @@ class Adafactor(Optimizer):
         """The learning rate of the last step of a parameter (transformers' ``AdafactorSchedule`` reads it)."""
         return float(self._relative_lr(param_group, float(param_state["step"]), param_state["RMS"]))
 
+    def effective_lr(self, group, state):
+        """rho of the last step: lr or the relative step, times max(eps2, RMS(p)) with scale_parameter."""
+        if "RMS" not in state or float(state["step"]) < 1:
+            return float(group["lr"] or 0.0)
+        return self._get_lr(group, state)
+
     def update(self, p, g, state, group, step):
         param_rms = rms(p)
         state["RMS"].copy_(param_rms)

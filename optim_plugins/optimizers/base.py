@@ -121,6 +121,13 @@ class Optimizer(torch.optim.Optimizer):
         """
         return {}
 
+    def effective_lr(self, group: Mapping[str, Any], state: Mapping[str, Any]) -> float:
+        """The step size the last step of a parameter used (``op.telemetry`` reads it).
+
+        ``group["lr"]`` unless the algorithm scales it (Prodigy's d * lr, Adafactor's relative step).
+        """
+        return float(group.get("lr") or 0.0)
+
     def weight_decay_mode(self, group: Mapping[str, Any]) -> WeightDecayMode | None:
         """How ``group["weight_decay"]`` applies: "l2", "decoupled", "fixed" (None: not at all)."""
         return "l2"
@@ -181,12 +188,20 @@ class Optimizer(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         work = [(group, *self._params_with_grad(group)) for group in self.param_groups]
-        if self._skip_for_nonfinite(work):
+        if self._skip_for_nonfinite(work) or not self.prepare_step(work):
             return loss
         for group, params, grads in work:
             if params:
                 self.step_group(group, params, grads)
         return loss
+
+    def prepare_step(self, work: list[tuple[dict[str, Any], list[Tensor], list[Tensor]]]) -> bool:
+        """A pass over every ``(group, params, grads)`` before the per-parameter updates.
+
+        For whole-optimizer statistics (Sophia-H's Hessian-vector product, Prodigy's d
+        estimate). Runs after the gradients are checked; returning False skips the step.
+        """
+        return True
 
     def _params_with_grad(self, group: Mapping[str, Any]) -> tuple[list[Tensor], list[Tensor]]:
         params, grads = [], []
@@ -236,8 +251,12 @@ class Optimizer(torch.optim.Optimizer):
                 scalars = tuple(v.item() for v in state.values() if torch.is_tensor(v) and v.dim() == 0)
                 keyed[(p.device, p.dtype, p.is_complex(), scalars)].append(i)
             buckets = keyed.values()
+        probe = self.__dict__.get("_telemetry")  # op.telemetry: set only on its recording steps
+        before = probe.before(self, group, params, grads, states) if probe is not None else None
         for index in buckets:
             self._apply(group, [params[i] for i in index], [grads[i] for i in index], [states[i] for i in index], per_tensor)
+        if before is not None:
+            probe.after(self, group, params, states, before)
 
     def _backend(self, group: Mapping[str, Any]) -> str:
         backend = group["backend"]

@@ -84,6 +84,13 @@ class MaxFactor(Optimizer):
         rel_step_sz = min(1e-5 * step, 1.0 / step**0.5)
         return max(param_group["eps"][1], float(param_state["RMS"])) * rel_step_sz
 
+    def effective_lr(self, group, state):
+        """alpha of the last step: max(eps2, RMS(p)) * min(lr, 1/sqrt(t)) (before the update's RMS clipping)."""
+        step = float(state.get("step", 0))
+        if "RMS" not in state or step < 1:
+            return float(group["lr"])
+        return max(group["eps"][1], float(state["RMS"])) * min(group["lr"], 1 / step**0.5)
+
     def update(self, p, g, state, group, step):
         eps1, eps2 = group["eps"]
         if eps1 is None:

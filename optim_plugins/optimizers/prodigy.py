@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, ClassVar, Iterable, Mapping
+from typing import Any, ClassVar, Iterable, Mapping
 
 import torch
 
@@ -93,20 +93,13 @@ class Prodigy(Optimizer):
         state.update({name: torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format) for name in names})
         return state
 
-    @torch.no_grad()
-    def step(self, closure: Callable[[], Any] | None = None) -> Any:
-        """One step: the moments and the new d over every group, then each parameter's step."""
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        work = [(group, *self._params_with_grad(group)) for group in self.param_groups]
-        if self._skip_for_nonfinite(work) or not self._estimate_d(work):
-            return loss  # like prodigyopt: no gradient signal (sum |s| == 0), no step
-        for group, params, grads in work:
-            if params and group["lr"] > 0:
-                self.step_group(group, params, grads)
-        return loss
+    def prepare_step(self, work: list) -> bool:
+        """The moments and the new d over every group; like prodigyopt, no step without signal (sum |s| == 0)."""
+        return self._estimate_d(work)
+
+    def step_group(self, group: dict[str, Any], params: list, grads: list) -> None:
+        if group["lr"] > 0:  # a group with lr 0 is frozen (prodigyopt would still decay it)
+            super().step_group(group, params, grads)
 
     def _estimate_d(self, work: list) -> bool:
         """Update the moments, s and the d estimate (prodigyopt's first pass); False if sum |s| is 0."""
@@ -153,6 +146,13 @@ class Prodigy(Optimizer):
             group.update(d=d, d_max=d_max, d_numerator=d_numerator, k=group["k"] + 1)
         self._dlr = dlr  # the step size of this step (the d before this update)
         return True
+
+    def effective_lr(self, group, state):
+        """The step size of the last step: d * lr (times the bias correction where it is on); 0 in a frozen group."""
+        dlr = self.__dict__.get("_dlr")
+        if not group["lr"]:
+            return 0.0
+        return float(dlr) if dlr is not None else float(group["d"] * group["lr"])
 
     def update(self, p, g, state, group, step):
         d, dlr = group["d"], self._dlr

@@ -196,21 +196,10 @@ class SophiaH(Optimizer):
     def state_names(self, group):
         return ("exp_avg", "hessian")
 
-    @torch.no_grad()
-    def step(self, closure: Callable[[], Any] | None = None) -> Any:
-        """One step; parameters due for a Hessian estimate need gradients with a graph."""
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        work = [(group, *self._params_with_grad(group)) for group in self.param_groups]
-        if self._skip_for_nonfinite(work):
-            return loss
+    def prepare_step(self, work: list) -> bool:
+        """The Hutchinson estimate for the parameters due one (their gradients need a graph)."""
         self._hutchinson(work)
-        for group, params, grads in work:
-            if params:
-                self.step_group(group, params, grads)
-        return loss
+        return True
 
     def _hutchinson(self, work: list) -> None:
         """h = b2 h + (1 - b2) u * (H u) for every parameter due (one H u product for all groups)."""
