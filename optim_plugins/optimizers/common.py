@@ -109,7 +109,6 @@ def trust_ratio(param_norm, update_norm, coefficient: float = 1.0, eps: float = 
     (You et al., 2017) and LAMB (You et al., 2020); ``max_ratio`` clamps it from above
     (LARC's clipping, timm's ``trust_clip``).
     """
-    import torch  # imported here: the rest of this module needs no torch (it serves TensorLists too)
 
     ratio = torch.where((param_norm > 0) & (update_norm > 0), coefficient * param_norm / (update_norm + eps),
                         torch.ones_like(param_norm))
