@@ -49,26 +49,13 @@ def _plot_schedule(args: argparse.Namespace) -> int:
 
 
 def _bench(args: argparse.Namespace) -> int:
-    from .bench import main as bench
+    from .bench import DEFAULT_OUTPUT, run_suite
 
+    suite = "memory" if args.memory else args.suite
+    if args.output is None:
+        args.output = DEFAULT_OUTPUT.get(suite, f"benchmarks/{suite}.md")
     command = ("optim-plugins bench " + " ".join(sys.argv[2:])).strip()
-    if args.memory:
-        from pathlib import Path
-
-        import torch
-
-        import optim_plugins as op
-        from .bench import memory_markdown, state_memory
-
-        names = op.list_optimizers() if args.optimizers == "all" else args.optimizers.split(",")
-        dtype = getattr(torch, args.dtype)
-        table = memory_markdown(state_memory(names, dtype), dtype, command)
-        if args.output:
-            Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-            Path(args.output).write_text(table)
-        print(table)
-        return 0
-    print(bench(args.optimizers.split(","), int(args.params), args.repeats, args.output, command))
+    print(run_suite(suite, args, command))
     return 0
 
 
@@ -94,6 +81,8 @@ def _plot_telemetry(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .bench import SUITES
+
     parser = argparse.ArgumentParser(prog="optim-plugins", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("list", help="print every registered optimizer and schedule").set_defaults(run=_list)
@@ -124,8 +113,10 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--optimizers", default="adamw,sgd,rmsprop", help="comma-separated registry names")
     bench.add_argument("--params", type=float, default=4e6, help="number of fp32 parameters")
     bench.add_argument("--repeats", type=int, default=10)
-    bench.add_argument("-o", "--output", default="benchmarks/results.md")
-    bench.add_argument("--memory", action="store_true", help="state bytes per parameter instead of step speed")
+    bench.add_argument("--suite", default="speed", choices=sorted(SUITES),
+                       help="; ".join(f"{name}: {text}" for name, text in SUITES.items()))
+    bench.add_argument("-o", "--output", default=None, help="table file (default: benchmarks/<suite>.md; '' for none)")
+    bench.add_argument("--memory", action="store_true", help="same as --suite memory")
     bench.add_argument("--dtype", default="float32", help="parameter dtype for --memory (float32, bfloat16)")
     bench.set_defaults(run=_bench)
     run = commands.add_parser("run", help="run a recipe YAML (recipes/): train, write metrics, plots, checkpoints")

@@ -1,7 +1,7 @@
 """The benchmark runs (smoke size) and writes its table; numbers are not asserted (no wall clock in tests)."""
 from __future__ import annotations
 
-from optim_plugins.bench import make_params, markdown, run
+from optim_plugins.bench.speed import make_params, markdown, run
 
 
 def test_bench_smoke_writes_a_table(tmp_path):
@@ -24,7 +24,7 @@ def test_bench_counts_state_bytes():
 
 
 def test_state_memory_table_counts_bytes_per_parameter():
-    from optim_plugins.bench import memory_markdown, state_memory
+    from optim_plugins.bench.memory import memory_markdown, state_memory
 
     rows = dict((name, state) for name, state, _ in state_memory(["adamw", "adamw8bit", "adafactor", "sgd"]))
     assert abs(rows["adamw"] - 8.0) < 1e-3  # two fp32 moments (+ two 0-d step tensors)

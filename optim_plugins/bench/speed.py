@@ -1,17 +1,17 @@
 """Step-speed and state-memory benchmark: ours side by side with torch.optim in one run.
 
-``optim-plugins bench`` runs it and writes a Markdown table (``benchmarks/results.md`` by
-default). Each row times ``optimizer.step()`` on the same tensors (a transformer-like
+``optim-plugins bench`` (suite ``speed``, the default) runs it and writes a Markdown table
+(``benchmarks/results.md`` by default). Each row times ``optimizer.step()`` on the same tensors (a transformer-like
 mix of 2-D weights and 1-D biases/norms) and reports the time per step, the ratio to
 torch's fastest AdamW on this machine, and the effective bandwidth in GB/s from the bytes
 a step must move (AdamW: 28 bytes per fp32 parameter, DESIGN.md "Speed is bandwidth").
 """
 from __future__ import annotations
 
+import argparse
 import platform
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Callable
 
 import torch
@@ -112,53 +112,6 @@ def markdown(rows: list[Row], numel: int, command: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main(names: list[str], total: int, repeats: int, out: str | None, command: str) -> str:
-    rows, numel = run(names, total=total, repeats=repeats)
-    table = markdown(rows, numel, command)
-    if out:
-        Path(out).parent.mkdir(parents=True, exist_ok=True)
-        Path(out).write_text(table)
-    return table
-
-
-def state_memory(names: list[str], dtype: torch.dtype = torch.float32) -> list[tuple[str, float, float]]:
-    """``(name, bytes of state per parameter, bytes of weights+grads+state per parameter)`` after one step.
-
-    The model is one 1024 x 1024 weight plus a 1024 bias (1,049,600 parameters), so 8-bit
-    states are used (tensors >= 4096 elements) and factored states show their saving.
-    """
-    import optim_plugins as op
-
-    rows = []
-    for name in names:
-        generator = torch.Generator().manual_seed(0)
-        params = [torch.nn.Parameter(torch.randn(1024, 1024, generator=generator).to(dtype) * 0.02),
-                  torch.nn.Parameter(torch.zeros(1024, dtype=dtype))]
-        optimizer = op.create_optimizer(name, params)
-        if callable(getattr(optimizer, "train", None)):
-            optimizer.train()
-        graph = bool(getattr(getattr(optimizer, "capabilities", None), "needs_create_graph", False))
-
-        def closure():
-            optimizer.zero_grad()
-            loss = sum((p.float() ** 2).sum() for p in params)
-            loss.backward(create_graph=graph)
-            return loss
-
-        optimizer.step(closure)
-        numel = sum(p.numel() for p in params)
-        state = op.state_bytes(optimizer) / numel
-        weights_and_grads = sum(2 * p.numel() * p.element_size() for p in params) / numel
-        rows.append((name, state, state + weights_and_grads))
-    return rows
-
-
-def memory_markdown(rows: list[tuple[str, float, float]], dtype: torch.dtype, command: str) -> str:
-    lines = [
-        f"Command: `{command}`; parameters in {str(dtype).replace('torch.', '')}: a 1024x1024 weight and a 1024 bias, after one step.",
-        "",
-        "| optimizer | state bytes / param | weights + grads + state bytes / param |",
-        "|---|---:|---:|",
-    ]
-    lines += [f"| {name} | {state:.2f} | {total:.2f} |" for name, state, total in rows]
-    return "\n".join(lines) + "\n"
+def main(args: argparse.Namespace, command: str) -> str:
+    rows, numel = run(args.optimizers.split(","), total=int(args.params), repeats=args.repeats)
+    return markdown(rows, numel, command)

@@ -1,0 +1,28 @@
+"""Benchmarks run by ``optim-plugins bench --suite NAME``; each suite writes a Markdown table.
+
+A suite is a module here with ``main(args, command) -> str`` (the table); ``args`` carries the
+``bench`` command's options (``--optimizers``, ``--params``, ``--repeats``, ``--dtype``, ...).
+Speed and memory are measured here, side by side in one run, never asserted in tests.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+from pathlib import Path
+
+SUITES = {
+    "speed": "step time per optimizer and backend, as a ratio to torch's fastest AdamW",
+    "memory": "optimizer-state bytes per parameter of every optimizer",
+}
+DEFAULT_OUTPUT = {"speed": "benchmarks/results.md", "memory": "benchmarks/state_memory.md"}
+
+
+def run_suite(name: str, args: argparse.Namespace, command: str) -> str:
+    """Run suite ``name`` and write its table to ``args.output`` (unless empty); return the table."""
+    if name not in SUITES:
+        raise ValueError(f"invalid suite: {name!r} (choose from {', '.join(SUITES)})")
+    table = importlib.import_module(f"{__name__}.{name}").main(args, command)
+    if args.output:
+        Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.output).write_text(table)
+    return table
