@@ -13,6 +13,9 @@ from pathlib import Path
 SUITES = {
     "speed": "step time per optimizer and backend, as a ratio to torch's fastest AdamW",
     "memory": "optimizer-state bytes per parameter of every optimizer",
+    "scale": "step time vs parameter count and vs number of tensors (writes a PNG)",
+    "lean": "peak memory and step time of memory-lean AdamW modes (bf16+Kahan, 8/4-bit, GaLore, release)",
+    "telemetry": "step-time overhead of op.telemetry recording every step",
 }
 DEFAULT_OUTPUT = {"speed": "benchmarks/results.md", "memory": "benchmarks/state_memory.md"}
 
