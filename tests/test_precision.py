@@ -99,3 +99,56 @@ def test_fp32_state_dtype_survives_load_state_dict():
     twin.load_state_dict(opt.state_dict())
     state = next(iter(twin.state.values()))
     assert state["exp_avg"].dtype == torch.float32 and state["exp_avg_sq"].dtype == torch.float32
+
+
+def test_bf16_state_dtype_is_adamw_with_moments_rounded_to_bf16():
+    """fp32 weights, bf16 moments: AdamW's equations written out, the moments rounded after each write."""
+    torch.manual_seed(0)
+    p = torch.nn.Parameter(torch.randn(33, 7))
+    grads = [torch.randn(33, 7) for _ in range(20)]
+    opt = op.create_optimizer("adamw", [p], lr=1e-2, weight_decay=0.1, state_dtype="bf16")
+    x, m, v = p.detach().clone(), torch.zeros(33, 7), torch.zeros(33, 7)
+    beta1, beta2, eps, lr, wd = 0.9, 0.999, 1e-8, 1e-2, 0.1
+    for t, g in enumerate(grads, start=1):
+        p.grad = g.clone()
+        opt.step()
+        x = x * (1 - lr * wd)
+        m = (beta1 * m + (1 - beta1) * g)
+        v = (beta2 * v + (1 - beta2) * g * g)
+        denom = (v.sqrt() / (1 - beta2 ** t) ** 0.5) + eps
+        x = x - lr / (1 - beta1 ** t) * m / denom
+        m, v = m.bfloat16().float(), v.bfloat16().float()
+    state = opt.state[p]
+    assert state["exp_avg"].dtype == torch.bfloat16 and state["exp_avg_sq"].dtype == torch.bfloat16
+    assert torch.equal(state["exp_avg"].float(), m) and torch.equal(state["exp_avg_sq"].float(), v)
+    torch.testing.assert_close(p.detach(), x, rtol=1e-5, atol=1e-6)
+    assert op.state_bytes(opt) == 33 * 7 * 4 + state["step"].element_size()  # 2 + 2 bytes per parameter
+
+
+@pytest.mark.parametrize("backend", ["reference", "foreach"])
+def test_bf16_state_dtype_round_trips_a_checkpoint(backend):
+    torch.manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(8, 4)), torch.nn.Parameter(torch.randn(4))]
+    make = lambda ps: op.create_optimizer("adabelief", ps, lr=1e-2, state_dtype="bf16", backend=backend)  # noqa: E731
+    opt = make(params)
+    for p in params:
+        p.grad = torch.randn_like(p)
+    opt.step()
+    buffer = io.BytesIO()
+    torch.save(opt.state_dict(), buffer)
+    buffer.seek(0)
+    twins = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    twin = make(twins)
+    twin.load_state_dict(torch.load(buffer, weights_only=True))
+    assert all(v.dtype == torch.bfloat16 for s in twin.state.values() for k, v in s.items() if k != "step")
+    for p, q in zip(params, twins):
+        q.grad = p.grad.clone()
+    opt.step()
+    twin.step()
+    for p, q in zip(params, twins):
+        assert torch.equal(p, q)
+
+
+def test_bad_state_dtype_is_refused_by_name():
+    with pytest.raises(ValueError, match="state_dtype.*'int8'"):
+        op.create_optimizer("adamw", [torch.nn.Parameter(torch.zeros(2))], state_dtype="int8")

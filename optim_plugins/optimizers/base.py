@@ -26,12 +26,13 @@ from ..kernels.foreach import TensorList
 from ..registry import Capabilities, Option, options_of
 from .codecs import StateCodec
 from .common import WeightDecayMode, apply_weight_decay, check_choice, check_lr
-from .precision import LOW_PRECISION, resolve_compensation, working_copy, write_back
+from .precision import LOW_PRECISION, StoredAs, resolve_compensation, working_copy, write_back
 
 Backend = Literal["auto", "reference", "foreach", "compiled", "triton"]
 AVAILABLE_BACKENDS = ("auto", "reference", "foreach")
 NONFINITE_POLICIES = ("propagate", "skip", "raise")
-STATE_DTYPES = {None: None, "param": None, "fp32": torch.float32, "float32": torch.float32}
+STATE_DTYPES = {None: None, "param": None, "fp32": torch.float32, "float32": torch.float32,
+                "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
 MACHINERY_STATE = ("step", "compensation")
 
 
@@ -41,7 +42,7 @@ def _common_options(
     foreach: bool | None = None,
     nonfinite: Literal["propagate", "skip", "raise"] = "propagate",
     compensation: Literal["auto", "kahan", "stochastic"] | None = "auto",
-    state_dtype: Literal["fp32", "param"] | None = None,
+    state_dtype: Literal["fp32", "bf16", "param"] | None = None,
     differentiable: bool = False,
     capturable: bool = False,
     fused: bool | None = None,
@@ -54,7 +55,7 @@ def _common_options(
         foreach: torch.optim's switch: True means backend "foreach", False means "reference".
         nonfinite: NaN/Inf gradients: "propagate" (torch's behaviour, no host sync), "skip" the whole step, or "raise".
         compensation: for bf16/fp16 parameters: "kahan" buffer, "stochastic" rounding, None (torch's behaviour); "auto" = Kahan for bf16/fp16, nothing for fp32.
-        state_dtype: None keeps states in the parameter's dtype (torch); "fp32" keeps fp32 states and math for bf16/fp16 parameters.
+        state_dtype: None keeps states in the parameter's dtype (torch); "fp32" keeps fp32 states and math for bf16/fp16 parameters; "bf16" stores the states of fp32 parameters in bfloat16 (math stays fp32).
         differentiable: torch.optim's differentiable step; not supported (only False).
         capturable: torch.optim's CUDA-graph capturable step; not supported (only False).
         fused: torch.optim's fused kernels; not supported here (use backend).
@@ -143,8 +144,20 @@ class Optimizer(torch.optim.Optimizer):
     # -------------------------------------------------------------- options
 
     def state_dtype(self, p: Tensor, group: Mapping[str, Any]) -> torch.dtype:
+        """The dtype ``update`` sees the states in (and the working dtype of the step)."""
         wanted = STATE_DTYPES[group.get("state_dtype")]
-        return wanted if wanted is not None and p.dtype in LOW_PRECISION else p.dtype
+        return wanted if wanted == torch.float32 and p.dtype in LOW_PRECISION else p.dtype
+
+    def _codecs(self, p: Tensor, group: Mapping[str, Any], state: Mapping[str, Any]) -> dict[str, StateCodec]:
+        """``state_codecs`` plus, with ``state_dtype="bf16"``, bf16 storage for the other float states."""
+        codecs = dict(self.state_codecs(p, group))
+        narrow = STATE_DTYPES[group.get("state_dtype")]
+        if narrow is not None and narrow.itemsize < p.element_size() and p.is_floating_point():
+            taken = {*MACHINERY_STATE, *(key for name, codec in codecs.items() for key in codec.keys(name))}
+            for name, value in state.items():
+                if name not in taken and _is_array(value) and value.is_floating_point():
+                    codecs[name] = StoredAs(narrow)
+        return codecs
 
     def _check_group(self, options: Mapping[str, Any]) -> None:
         check_choice("backend", options["backend"], Backend.__args__)
@@ -276,7 +289,7 @@ class Optimizer(torch.optim.Optimizer):
     def _initial_state(self, p: Tensor, group: Mapping[str, Any]) -> dict[str, Tensor]:
         """``init_state`` with the coded states encoded: what ``self.state[p]`` holds."""
         state = self.init_state(p, group)
-        for name, codec in self.state_codecs(p, group).items():
+        for name, codec in self._codecs(p, group, state).items():
             state.update(codec.init(name, state.pop(name)))
         return state
 
@@ -289,7 +302,7 @@ class Optimizer(torch.optim.Optimizer):
         work = [working_copy(p, s.get("compensation")) for p, s in zip(params, states)] if upcast else params
         if upcast and self.state_dtype(params[0], group) != dtype:
             grads = [g.float() for g in grads]
-        codecs = [self.state_codecs(p, group) for p in params]
+        codecs = [self._codecs(p, group, s) for p, s in zip(params, states)]
         views = [_decoded(s, c, w.dtype) for s, c, w in zip(states, codecs, work)]
         names = list(views[0])
         if per_tensor:

@@ -8,6 +8,9 @@ written back here, so that no algorithm has to know about bf16:
   update, so updates smaller than bf16's spacing still accumulate.
 * ``"stochastic"``: the float32 result is rounded up or down at random with
   probabilities that make the rounding unbiased.
+
+``state_dtype="bf16"`` stores the states of fp32 parameters in bfloat16 (:class:`StoredAs`):
+the step decodes them to the parameter's dtype, runs the same update and rounds them back.
 """
 from __future__ import annotations
 
@@ -15,6 +18,8 @@ from typing import Literal
 
 import torch
 from torch import Tensor
+
+from .codecs import StateCodec
 
 Compensation = Literal["auto", "kahan", "stochastic"]
 LOW_PRECISION = (torch.bfloat16, torch.float16)
@@ -59,3 +64,22 @@ def stochastic_round(x: Tensor, dtype: torch.dtype, generator: torch.Generator |
     probability = torch.where(gap != 0, residual / gap, torch.zeros_like(residual))
     draw = torch.rand(x.shape, device=x.device, generator=generator)
     return torch.where(draw < probability, neighbour, nearest)
+
+
+class StoredAs(StateCodec):
+    """A state kept in a narrower float dtype (``state_dtype="bf16"``), rounded to nearest on write."""
+
+    def __init__(self, dtype: torch.dtype):
+        self.dtype = dtype
+
+    def __repr__(self) -> str:
+        return f"StoredAs({self.dtype})"
+
+    def init(self, name: str, value: Tensor) -> dict[str, Tensor]:
+        return {name: value.to(self.dtype)}
+
+    def decode(self, name: str, state: dict[str, Tensor], dtype: torch.dtype) -> Tensor:
+        return state[name].to(dtype, copy=True)
+
+    def encode(self, name: str, value: Tensor, state: dict[str, Tensor]) -> None:
+        state[name].copy_(value)
