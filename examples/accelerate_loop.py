@@ -37,7 +37,7 @@ def main(optimizer: str = "adamw", scheduler: str = "warmup_cosine", steps_per_e
     sched = op.create_scheduler(scheduler, opt, num_training_steps=num_training_steps,
                                 num_warmup_steps=max(1, num_training_steps // 10))
     sched = opa.prepare_scheduler(accelerator, sched)
-    lrs, steps = [], 0
+    lrs, steps, first_loss = [], 0, None
     for _ in range(epochs):
         for xb, yb in loader:
             with accelerator.accumulate(model):
@@ -48,11 +48,13 @@ def main(optimizer: str = "adamw", scheduler: str = "warmup_cosine", steps_per_e
                 opt.step()
                 sched.step()
                 opt.zero_grad()
+            first_loss = loss.item() if first_loss is None else first_loss
             if accelerator.sync_gradients and not accelerator.optimizer_step_was_skipped:
                 steps += 1
                 lrs.append(sched.get_last_lr()[0])
-    accelerator.print(f"{steps} optimizer steps of {num_training_steps}, final loss {loss.item():.4f}, lr {lrs[-1]:.2e}")
-    return {"steps": steps, "num_training_steps": num_training_steps, "lrs": lrs, "loss": loss.item(),
+    accelerator.print(f"{steps} optimizer steps of {num_training_steps}, loss {first_loss:.4f} -> {loss.item():.4f}, "
+                      f"lr {lrs[-1]:.2e}")
+    return {"steps": steps, "num_training_steps": num_training_steps, "lrs": lrs, "loss": loss.item(), "first_loss": first_loss,
             "schedule": sched.scheduler, "num_processes": accelerator.num_processes}
 
 

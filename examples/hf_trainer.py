@@ -67,6 +67,8 @@ def main(argv: list[str] | None = None) -> dict:
         "scheduler": f"{type(trainer.lr_scheduler).__module__}.{type(trainer.lr_scheduler).__qualname__}",
         "steps": trainer.state.global_step,
         "train_loss": result.training_loss,
+        "first_logged_loss": next((e["loss"] for e in trainer.state.log_history if "loss" in e), None),
+        "last_logged_loss": next((e["loss"] for e in reversed(trainer.state.log_history) if "loss" in e), None),
         "last_lr": trainer.lr_scheduler.get_last_lr()[0],
     }
     print("optim_plugins summary:", summary)

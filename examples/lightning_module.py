@@ -42,7 +42,17 @@ class TinyRegressor(pl.LightningModule):
         x, y = batch
         loss = nn.functional.mse_loss(self(x).float(), y)
         self.log("train_loss", loss, prog_bar=False)
+        self.train_losses.append(loss.item())
         return loss
+
+    def on_fit_start(self) -> None:
+        self.train_losses: list[float] = []
+
+    def on_fit_end(self) -> None:
+        k = min(4, len(self.train_losses))
+        if k:
+            first, last = sum(self.train_losses[:k]) / k, sum(self.train_losses[-k:]) / k
+            print(f"train loss {first:.4f} -> {last:.4f} (mean of the first/last {k} batches)")
 
     def validation_step(self, batch, batch_idx):
         x, y = batch

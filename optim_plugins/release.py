@@ -32,6 +32,7 @@ the handle's ``clip_value``. Gradient accumulation: see :data:`ACCUMULATION_SUPP
 """
 from __future__ import annotations
 
+import functools
 import inspect
 import types
 from typing import Any, Callable, Iterable
@@ -106,7 +107,7 @@ class GradientRelease:
         self._tracked = [p for p in self._group_of if p.requires_grad]
         self._hooks = [p.register_post_accumulate_grad_hook(self._hook) for p in self._tracked]
         self._saved = {name: optimizer.__dict__[name] for name in ("step", "zero_grad") if name in optimizer.__dict__}
-        optimizer.step = types.MethodType(_released_step, optimizer)
+        optimizer.step = _marked(types.MethodType(_released_step, optimizer))
         optimizer.zero_grad = types.MethodType(_released_zero_grad, optimizer)
         optimizer._gradient_release = self
         self.active = True
@@ -238,6 +239,18 @@ def _released_step(self: torch.optim.Optimizer, closure: Callable[[], Any] | Non
         return None
     with torch.enable_grad():
         return closure()
+
+
+def _marked(step: Callable) -> Callable:
+    """``step`` as torch's LR schedulers mark the step they track (it sets ``_opt_called`` itself), so a
+    scheduler built before the release does not warn that ``optimizer.step`` was overridden."""
+
+    @functools.wraps(step)
+    def released(*args: Any, **kwargs: Any) -> Any:
+        return step(*args, **kwargs)
+
+    released._wrapped_by_lr_sched = True  # type: ignore[attr-defined]
+    return released
 
 
 def _released_zero_grad(self: torch.optim.Optimizer, set_to_none: bool = True) -> None:

@@ -10,21 +10,33 @@ group, a layer of ``model`` or a single parameter):
 * ``lr``: the effective step size, ``optimizer.effective_lr(group, state)`` (``group["lr"]`` by
   default; Prodigy: d * lr; Adafactor: its relative step times RMS(p); Maxfactor: its alpha),
   averaged over the unit's parameters;
-* ``second_moment``: for adaptive optimizers, the mean of sqrt(second moment) over the unit's
-  elements, read from the first state of :data:`SECOND_MOMENT_KEYS` a parameter has (the raw
-  state, without bias correction or eps; factored and 8-bit states are left out);
+* ``second_moment``: for adaptive optimizers, the root mean square of the denominator sqrt(v),
+  i.e. sqrt(mean(v)) over the unit's elements, read from the first state of
+  :data:`SECOND_MOMENT_KEYS` a parameter has (the raw state, without bias correction or eps;
+  factored and 8-bit states are left out);
 
 and per step ``state_bytes`` (:func:`optim_plugins.state_bytes`) and ``skipped_steps`` (the
 optimizer's count of steps skipped for NaN/Inf gradients or overflow).
 
+Alerts (opt-in, ``alerts=True`` or an :class:`Alerts`): a :class:`TelemetryWarning` when a
+unit's update/weight ratio stays outside a band for ``patience`` consecutive records, or when a
+gradient is non-finite, naming the unit (the model's module name with ``by="layer"``) and its
+parameters; each record then lists its ``alerts`` (``Telemetry.alerts`` holds them all).
+
 Cost. Off (the default, or after ``remove()``) it costs nothing: no hook, no attribute, no
 state. On, the steps it does not record cost one torch step pre-hook. A recording step copies
-the stepped parameters once (to measure the update) and syncs once to read the numbers.
+the stepped parameters once (the update is new minus old: an exact update norm needs the old
+values; on CPU the copy's memory is kept while the recorder is on, as fresh allocations there
+cost page faults), takes the norms as multi-tensor reductions (``torch._foreach_norm``; the
+update in place in the copy) and one sum of v per tensor, keeps them as tensors and syncs once
+per record. These are eager passes: recording every step adds about 40% to a foreach AdamW step
+on a 2-core CPU, but about 4x to the compiled step (one fused loop; the copy alone takes longer),
+see ``benchmarks/telemetry.md``; record every N steps to divide that by N.
 Optimizers on this package's base class are measured inside the step machinery (one
 attribute check per group step); any other ``torch.optim.Optimizer`` (torch.optim.*, the
-SAM/Lookahead wrappers) is measured by a step pre-/post-hook pair around the whole step,
-which copies every parameter that has a gradient: costlier, and it measures the net change
-of the whole step (SAM's perturbation and its undo cancel).
+SAM/Lookahead wrappers) is measured by a step pre-/post-hook pair around the whole step:
+it copies every parameter that has a gradient and measures the net change of the whole step
+(SAM's perturbation and its undo cancel).
 
 Readers: :meth:`Telemetry.snapshot` (a plain dict), :attr:`Telemetry.history`,
 :meth:`Telemetry.scalars` (flat ``{"telemetry/<unit>/<metric>": float}`` for loggers),
@@ -36,6 +48,8 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Literal, Mapping
 
@@ -55,8 +69,80 @@ def _unwrap(optimizer: Any) -> Any:
     return unwrap_optimizer(optimizer)
 
 
-def _norm(t: Tensor) -> Tensor:
-    return torch.linalg.vector_norm(t.detach(), dtype=torch.float32) if not t.is_complex() else torch.linalg.vector_norm(t.detach()).float()
+def _real(t: Tensor) -> Tensor:
+    return torch.view_as_real(t.detach()) if t.is_complex() else t.detach()
+
+
+def _norms(tensors: list[Tensor]) -> Tensor:
+    """L2 norms of ``tensors`` as one 1-d tensor (bf16/fp16 accumulated in float32): one
+    multi-tensor reduction, no host sync."""
+    ts = [_real(t) for t in tensors]
+    low = [t.dtype in (torch.bfloat16, torch.float16) for t in ts]
+    if not any(low):
+        norms = torch._foreach_norm(ts)
+    elif all(low):
+        norms = torch._foreach_norm(ts, 2, dtype=torch.float32)
+    else:
+        norms = [torch.linalg.vector_norm(t, dtype=torch.float32 if lp else None) for t, lp in zip(ts, low)]
+    return torch.stack([n.to(ts[0].device) for n in norms])
+
+
+def _second_moment(p: Tensor, state: Any) -> Tensor | None:
+    """The first of :data:`SECOND_MOMENT_KEYS` in ``state`` that is a float tensor shaped like ``p``."""
+    for key in SECOND_MOMENT_KEYS:
+        v = state.get(key) if isinstance(state, Mapping) else None
+        if torch.is_tensor(v) and v.is_floating_point() and v.shape == p.shape:
+            return v
+    return None
+
+
+class TelemetryWarning(UserWarning):
+    """Warned by :func:`telemetry` alerts (see :class:`Alerts`)."""
+
+
+@dataclass(frozen=True)
+class Alerts:
+    """Opt-in warnings of :func:`telemetry` (``telemetry(..., alerts=Alerts(...))``, or ``alerts=True``).
+
+    Args:
+        band: (low, high): warn when a unit's update/weight ratio is outside it for ``patience``
+            consecutive records (once per excursion; again after it came back); None: no band check.
+        patience: the number of consecutive records (K) outside the band before warning.
+        nonfinite: warn when a gradient is NaN/Inf, naming the unit and its parameters (on
+            recording steps; on every step for optimizers that skip such steps, ``nonfinite="skip"``).
+    """
+
+    band: tuple[float, float] | None = (1e-5, 1e-1)
+    patience: int = 3
+    nonfinite: bool = True
+
+    def __post_init__(self) -> None:
+        band = self.band
+        if band is not None:
+            if (not isinstance(band, (tuple, list)) or len(band) != 2
+                    or not all(isinstance(b, (int, float)) and not isinstance(b, bool) for b in band)
+                    or not 0 <= band[0] < band[1]):
+                raise ValueError(f"invalid alerts band: {band!r} (expected (low, high) with 0 <= low < high, or None)")
+            object.__setattr__(self, "band", (float(band[0]), float(band[1])))
+        if isinstance(self.patience, bool) or not isinstance(self.patience, int) or self.patience < 1:
+            raise ValueError(f"invalid alerts patience: {self.patience!r} (expected an integer >= 1)")
+        if not isinstance(self.nonfinite, bool):
+            raise ValueError(f"invalid alerts nonfinite: {self.nonfinite!r} (expected True or False)")
+
+
+def _alerts(alerts: bool | Alerts | Mapping[str, Any] | None) -> Alerts | None:
+    if alerts is None or alerts is False:
+        return None
+    if alerts is True:
+        return Alerts()
+    if isinstance(alerts, Alerts):
+        return alerts
+    if isinstance(alerts, Mapping):
+        unknown = [k for k in alerts if k not in ("band", "patience", "nonfinite")]
+        if unknown:
+            raise ValueError(f"invalid alerts option: {unknown[0]!r} (expected band, patience, nonfinite)")
+        return Alerts(**alerts)
+    raise ValueError(f"invalid alerts: {alerts!r} (expected None, True, an Alerts or a dict of its fields)")
 
 
 def unit_names(optimizer: torch.optim.Optimizer, by: Unit = "group", model: nn.Module | None = None,
@@ -105,11 +191,12 @@ class Telemetry:
 
     def __init__(self, optimizer: torch.optim.Optimizer, every: int = 1, by: Unit = "group",
                  model: nn.Module | None = None, depth: int | None = None, path: str | Path | None = None,
-                 keep: int | None = None):
+                 keep: int | None = None, alerts: bool | Alerts | Mapping[str, Any] | None = None):
         if isinstance(every, bool) or not isinstance(every, int) or every < 1:
             raise ValueError(f"invalid every: {every!r} (expected an integer >= 1)")
         if keep is not None and (isinstance(keep, bool) or not isinstance(keep, int) or keep < 1):
             raise ValueError(f"invalid keep: {keep!r} (expected None or an integer >= 1)")
+        alert_config = _alerts(alerts)
         from .optimizers.base import Optimizer as Base
 
         optimizer = _unwrap(optimizer)
@@ -117,15 +204,27 @@ class Telemetry:
             raise TypeError(f"op.telemetry needs a torch.optim.Optimizer, got {type(optimizer).__name__}")
         if "_telemetry_recorder" in optimizer.__dict__:
             raise ValueError(f"{type(optimizer).__name__} already has a telemetry recorder; remove() it first")
+        from .release import is_released
+
+        if is_released(optimizer):  # its parameters step one at a time in backward, not in optimizer.step()
+            raise ValueError("op.telemetry cannot record an optimizer under op.release_gradients; "
+                             "remove the release (handle.remove()) to record its steps")
         self.optimizer, self.every, self.by, self.depth, self.keep = optimizer, every, by, depth, keep
         self.units = unit_names(optimizer, by, model, depth)
+        self.param_names = unit_names(optimizer, "param", model) if by != "param" else self.units
         self.native = isinstance(optimizer, Base)  # measured inside step_group; else around the whole step
         self.path = Path(path) if path is not None else None
         self.history: list[dict[str, Any]] = []
         self.steps = 0
+        self.alert_config = alert_config
+        self.alerts: list[dict[str, Any]] = []  # every alert raised (each record lists its own)
+        self._new_alerts: list[dict[str, Any]] = []
+        self._outside_band: dict[str, int] = {}
+        self._skipped = 0
         self._sinks: list[tuple[Callable[..., Any], str, bool]] = []
-        self._acc: dict[str, dict[str, Any]] | None = None
+        self._acc: list | None = None
         self._outside: list | None = None
+        self._copies: dict[int, Tensor] = {}  # the parameters before a recorded step (CPU: reused)
         self._handles = [optimizer.register_step_pre_hook(self._pre), optimizer.register_step_post_hook(self._post)]
         optimizer.__dict__["_telemetry_recorder"] = self  # one recorder per optimizer
         if self.path is not None:
@@ -147,6 +246,12 @@ class Telemetry:
         if self.optimizer.__dict__.get("_telemetry_recorder") is self:
             del self.optimizer.__dict__["_telemetry_recorder"]
         self._acc = self._outside = None
+        self._copies = {}
+
+    def sync(self, step: int) -> None:
+        """Number the next ``optimizer.step()`` ``step + 1`` (a trainer's global step before it), so
+        that record steps and the ``every`` cadence follow the trainer's count, also after a resume."""
+        self.steps = int(step)
 
     def __enter__(self) -> "Telemetry":
         return self
@@ -158,10 +263,12 @@ class Telemetry:
 
     def _pre(self, optimizer: Any, args: Any, kwargs: Any) -> None:
         self.steps += 1
+        if self.alert_config is not None:
+            self._skipped = int(getattr(optimizer, "skipped_steps", 0) or 0)
         if self.steps % self.every:
             optimizer.__dict__.pop("_telemetry", None)
             return
-        self._acc = {}
+        self._acc = []
         if self.native:
             optimizer.__dict__["_telemetry"] = self  # base.step_group calls before()/after()
             return
@@ -173,6 +280,9 @@ class Telemetry:
                 self._outside.append((group, params, self.before(optimizer, group, params, [p.grad for p in params], states)))
 
     def _post(self, optimizer: Any, args: Any, kwargs: Any) -> None:
+        if self.alert_config is not None and self.alert_config.nonfinite:
+            if int(getattr(optimizer, "skipped_steps", 0) or 0) > self._skipped:
+                self._skipped_alert(optimizer)
         if self._acc is None:
             return
         optimizer.__dict__.pop("_telemetry", None)
@@ -182,47 +292,82 @@ class Telemetry:
         self._record(optimizer)
 
     def before(self, optimizer: Any, group: Mapping[str, Any], params: list[Tensor], grads: list[Tensor],
-               states: list[Mapping[str, Any]]) -> tuple[list[Tensor], list[Tensor]]:
-        """Before a group's update: copies of the parameters (float32 value with Kahan) and grad norms."""
-        old = []
+               states: list[Mapping[str, Any]]) -> tuple[list[Tensor], Tensor, Tensor]:
+        """Before a group's update: a copy of the parameters (their float32 value with Kahan
+        compensation), and the gradient and weight norms (tensors)."""
+        old, sources, copies = [], [], []
         for p, s in zip(params, states):
             comp = s.get("compensation") if isinstance(s, Mapping) else None
-            old.append(p.detach().float() + comp if torch.is_tensor(comp) else p.detach().clone())
-        return old, [_norm(g) for g in grads]
+            if torch.is_tensor(comp):
+                old.append(p.detach().float() + comp)
+                continue
+            copy = self._copies.get(id(p))
+            if copy is None or copy.shape != p.shape or copy.dtype != p.dtype or copy.device != p.device:
+                copy = torch.empty_like(p)
+                if p.device.type == "cpu":  # kept: a fresh CPU allocation per record costs page faults
+                    self._copies[id(p)] = copy
+            old.append(copy)
+            sources.append(p.detach())
+            copies.append(copy)
+        if copies:
+            torch._foreach_copy_(copies, sources)
+        return old, _norms(grads), _norms(old)
 
     def after(self, optimizer: Any, group: Mapping[str, Any], params: list[Tensor], states: list[Mapping[str, Any]],
-              before: tuple[list[Tensor], list[Tensor]]) -> None:
-        """After a group's update: accumulate the unit sums (tensors; read once per step)."""
+              before: tuple[list[Tensor], Tensor, Tensor]) -> None:
+        """After a group's update: update norms (old - new, in place in the copy) and second-moment
+        sums; kept as tensors, read once per record."""
         if self._acc is None:
             return
-        old, grad_norms = before
-        effective = getattr(optimizer, "effective_lr", None)
-        for p, s, o, gn in zip(params, states, old, grad_norms):
+        old, grad_norms, weight_norms = before
+        new = []
+        for p, s in zip(params, states):
             comp = s.get("compensation") if isinstance(s, Mapping) else None
-            new = p.detach().float() + comp if torch.is_tensor(comp) else p.detach()
-            acc = self._acc.setdefault(self.units.get(id(p), "other"), {"sq": [], "n": 0, "lr": 0.0, "v": [], "vn": 0})
-            acc["sq"].append(torch.stack([gn, _norm(new - o), _norm(o)]).square())
-            acc["n"] += 1
-            acc["lr"] += float(effective(group, s)) if effective is not None else float(group.get("lr") or 0.0)
-            for key in SECOND_MOMENT_KEYS:
-                v = s.get(key) if isinstance(s, Mapping) else None
-                if torch.is_tensor(v) and v.is_floating_point() and v.shape == p.shape:
-                    acc["v"].append(v.detach().float().sqrt().sum())
-                    acc["vn"] += v.numel()
-                    break
+            new.append(p.detach().float() + comp if torch.is_tensor(comp) else p.detach())
+        torch._foreach_sub_([_real(o) for o in old], [_real(n) for n in new])  # old is our own copy
+        update_norms = _norms(old)
+        effective = getattr(optimizer, "effective_lr", None)
+        lrs, counts, sums = [], [], []
+        for p, s in zip(params, states):
+            lrs.append(float(effective(group, s)) if effective is not None else float(group.get("lr") or 0.0))
+            v = _second_moment(p, s)
+            if v is not None:
+                sums.append(v.detach().sum(dtype=torch.float32 if v.dtype in (torch.bfloat16, torch.float16) else None))
+                counts.append(v.numel())
+            else:
+                sums.append(torch.zeros((), dtype=update_norms.dtype, device=update_norms.device))
+                counts.append(0)
+        stats = torch.stack([grad_norms, update_norms, weight_norms.to(update_norms.dtype),
+                             torch.stack([t.to(update_norms) for t in sums])], dim=1)
+        self._acc.append(([id(p) for p in params], stats, lrs, counts))
 
     def _record(self, optimizer: Any) -> None:
-        acc, self._acc = self._acc or {}, None
+        acc, self._acc = self._acc or [], None
+        sums: dict[str, list[float]] = {}  # unit: [grad^2, update^2, weight^2, n, lr, sum v, numel v]
+        nonfinite: dict[str, list[str]] = {}
+        rows = torch.cat([stats.to(acc[0][1]) for _, stats, _, _ in acc]).tolist() if acc else []  # one host sync
+        ids = [pid for pids, _, lrs, counts in acc for pid in pids]
+        lrs = [lr for _, _, lr_list, _ in acc for lr in lr_list]
+        counts = [c for _, _, _, c_list in acc for c in c_list]
+        for pid, (g, u, w, v), lr, vn in zip(ids, rows, lrs, counts):
+            unit = self.units.get(pid, "other")
+            a = sums.setdefault(unit, [0.0] * 7)
+            for i, x in enumerate((g * g, u * u, w * w, 1, lr, v, vn)):
+                a[i] += x
+            if not math.isfinite(g):
+                nonfinite.setdefault(unit, []).append(self.param_names.get(pid, "?"))
         units: dict[str, dict[str, float]] = {}
-        for name, a in acc.items():
-            g2, u2, w2 = torch.stack(a["sq"]).sum(0).sqrt().tolist()
-            values = {"grad_norm": g2, "update_norm": u2, "weight_norm": w2,
-                      "update_ratio": u2 / w2 if w2 > 0 else math.nan, "lr": a["lr"] / a["n"]}
-            if a["v"]:
-                values["second_moment"] = float(torch.stack(a["v"]).sum()) / a["vn"]
-            units[name] = values
+        for name, (g2, u2, w2, n, lr, v, vn) in sums.items():
+            w = math.sqrt(w2)
+            units[name] = {"grad_norm": math.sqrt(g2), "update_norm": math.sqrt(u2), "weight_norm": w,
+                           "update_ratio": math.sqrt(u2) / w if w > 0 else math.nan, "lr": lr / n}
+            if vn:
+                units[name]["second_moment"] = math.sqrt(v / vn)
         record = {"step": self.steps, "state_bytes": state_bytes(optimizer),
                   "skipped_steps": int(getattr(optimizer, "skipped_steps", 0) or 0), "units": units}
+        if self.alert_config is not None:
+            self._check(units, nonfinite)
+            record["alerts"], self._new_alerts = self._new_alerts, []
         self.history.append(record)
         if self.keep is not None and len(self.history) > self.keep:
             del self.history[: len(self.history) - self.keep]
@@ -233,21 +378,68 @@ class Telemetry:
             values = self.scalars(record, prefix)
             sink(values, step=record["step"]) if pass_step else sink(values)
 
+    # ------------------------------------------------------------------ alerts
+
+    def _alert(self, kind: str, unit: str, value: float, params: list[str], message: str) -> None:
+        alert = {"step": self.steps, "kind": kind, "unit": unit, "value": value, "params": params, "message": message}
+        self.alerts.append(alert)
+        self._new_alerts.append(alert)
+        warnings.warn(message, TelemetryWarning, stacklevel=2)
+
+    def _check(self, units: Mapping[str, Mapping[str, float]], nonfinite: Mapping[str, list[str]]) -> None:
+        config = self.alert_config
+        if config.nonfinite:
+            for unit, params in nonfinite.items():
+                self._alert("nonfinite", unit, units[unit]["grad_norm"], params,
+                            f"op.telemetry: non-finite gradient (NaN/Inf) in {unit!r} (parameters: "
+                            f"{', '.join(params)}) at step {self.steps}")
+        if config.band is None:
+            return
+        low, high = config.band
+        for unit, values in units.items():
+            ratio = values["update_ratio"]
+            if not (ratio < low or ratio > high):  # inside, or NaN (a zero weight): the run of records ends
+                self._outside_band[unit] = 0
+                continue
+            count = self._outside_band[unit] = self._outside_band.get(unit, 0) + 1
+            if count == config.patience:
+                params = [name for pid, name in self.param_names.items() if self.units.get(pid) == unit]
+                self._alert("update_ratio", unit, ratio, params,
+                            f"op.telemetry: update/weight ratio of {unit!r} outside [{low:g}, {high:g}] for "
+                            f"{count} recorded steps (now {ratio:.3g}, step {self.steps})")
+
+    def _skipped_alert(self, optimizer: Any) -> None:
+        """The optimizer skipped this step for non-finite gradients: name the parameters."""
+        bad: dict[str, list[str]] = {}
+        for group in optimizer.param_groups:
+            for p in group["params"]:
+                if p.grad is not None and not bool(torch.isfinite(p.grad).all()):
+                    bad.setdefault(self.units.get(id(p), "other"), []).append(self.param_names.get(id(p), "?"))
+        for unit, params in bad.items():
+            self._alert("nonfinite", unit, math.nan, params,
+                        f"op.telemetry: non-finite gradient (NaN/Inf) in {unit!r} (parameters: {', '.join(params)}) "
+                        f"at step {self.steps}; the optimizer skipped the step")
+
     # ------------------------------------------------------------------ readers
 
     def snapshot(self) -> dict[str, Any]:
         """The latest record as a plain dict (``{}`` before the first):
-        ``{"step", "state_bytes", "skipped_steps", "units": {unit: {metric: float}}}``."""
+        ``{"step", "state_bytes", "skipped_steps", "units": {unit: {metric: float}}}`` (and
+        ``"alerts"``, a list of ``{"step", "kind", "unit", "value", "params", "message"}``, with alerts on)."""
         return json.loads(json.dumps(self.history[-1])) if self.history else {}
 
     def scalars(self, record: Mapping[str, Any] | None = None, prefix: str = "telemetry/") -> dict[str, float]:
-        """A record (default: the latest) flattened for loggers: ``{prefix + "unit/metric": value}``."""
+        """A record (default: the latest) flattened for loggers: ``{prefix + "unit/metric": value}``;
+        with alerts on also ``prefix + "alerts"`` (their number) and ``prefix + "unit/alert_<kind>": 1.0``."""
         record = record if record is not None else (self.history[-1] if self.history else None)
         if not record:
             return {}
         flat = {f"{prefix}state_bytes": float(record["state_bytes"]), f"{prefix}skipped_steps": float(record["skipped_steps"])}
         for unit, values in record["units"].items():
             flat.update({f"{prefix}{unit}/{metric}": value for metric, value in values.items()})
+        if "alerts" in record:
+            flat[f"{prefix}alerts"] = float(len(record["alerts"]))
+            flat.update({f"{prefix}{alert['unit']}/alert_{alert['kind']}": 1.0 for alert in record["alerts"]})
         return flat
 
     def log_to(self, sink: Callable[..., Any], prefix: str = "telemetry/", pass_step: bool = False) -> "Telemetry":
@@ -269,15 +461,17 @@ class Telemetry:
 
 
 def telemetry(optimizer: torch.optim.Optimizer, every: int = 1, by: Unit = "group", model: nn.Module | None = None,
-              depth: int | None = None, path: str | Path | None = None, keep: int | None = None) -> Telemetry:
+              depth: int | None = None, path: str | Path | None = None, keep: int | None = None,
+              alerts: bool | Alerts | Mapping[str, Any] | None = None) -> Telemetry:
     """Record per-unit optimizer numbers every ``every`` steps (see the module doc); returns the recorder.
 
     ``by``: "group" (param groups), "layer" (needs ``model``: the parameter name without its last
     component, or its first ``depth`` components) or "param". ``path``: also append each record to
-    this JSON-lines file. ``keep``: bound ``history`` to the last ``keep`` records.
+    this JSON-lines file. ``keep``: bound ``history`` to the last ``keep`` records. ``alerts``:
+    True or an :class:`Alerts` (or a dict of its fields) turns on :class:`TelemetryWarning` s.
     Call ``.remove()`` (or use it as a context manager) to turn it off.
     """
-    return Telemetry(optimizer, every=every, by=by, model=model, depth=depth, path=path, keep=keep)
+    return Telemetry(optimizer, every=every, by=by, model=model, depth=depth, path=path, keep=keep, alerts=alerts)
 
 
 # ---------------------------------------------------------------------- files and plots

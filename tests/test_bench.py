@@ -10,7 +10,7 @@ def test_bench_smoke_writes_a_table(tmp_path):
     out = tmp_path / "results.md"
     assert main(["bench", "--optimizers", "adamw,sgd", "--params", "20000", "--repeats", "2", "-o", str(out)]) == 0
     table = out.read_text()
-    for variant in ("torch fused=True", "optim_plugins backend=foreach", "optim_plugins backend=reference"):
+    for variant in ("torch AdamW fused=True", "optim_plugins backend=foreach", "optim_plugins backend=reference"):
         assert f"| adamw | {variant} |" in table
     assert "| sgd | torch foreach=True |" in table
 
@@ -21,6 +21,14 @@ def test_bench_counts_state_bytes():
     for row in rows:
         assert row.state_bytes_per_param == (8.0 if row.name == "adamw" else 4.0)  # fp32 moments / momentum buffer
     assert "x fastest torch AdamW" in markdown(rows, numel, "test")
+    assert "optim_plugins backend=compiled" not in {r.variant for r in rows}  # compiled only from COMPILED_FROM
+
+
+def test_per_byte_ratio_is_the_time_ratio_scaled_by_bytes_moved():
+    from optim_plugins.bench.speed import Row
+
+    lion = Row("lion", "x", ms_per_step=10.0, state_bytes_per_param=4.0, bytes_per_param=20, baseline_ms=10.0)
+    assert lion.ratio == 1.0 and abs(lion.per_byte_ratio - 28 / 20) < 1e-12  # 20 B in the time fused AdamW moves 28
 
 
 def test_state_memory_table_counts_bytes_per_parameter():

@@ -546,3 +546,21 @@ def test_mixin_backward_with_create_graph(tmp_path):
     finally:
         OPTIMIZERS.unregister("test_sophiah_graph")
         hf.install()
+
+
+@pytest.mark.parametrize("name", ["eva", "muon"])
+def test_optimizers_built_from_the_model_train_under_the_plain_trainer(tmp_path, name):
+    """Eva hooks the model's Linear layers and Muon splits matrices from the rest: both need
+    ``model_param_groups``, which the Trainer's handler must call as create_optimizer does."""
+    args = make_args(tmp_path, optim="op_" + name, max_steps=4, learning_rate=1e-2)
+    model = tiny_llama()
+    trainer = Trainer(model=model, args=args, train_dataset=Counting())
+    trainer.train()
+    built = inner(trainer)
+    assert type(built) is op.get_optimizer_spec(name).factory
+    reference = op.create_optimizer(name, tiny_llama(), lr=1e-2, weight_decay=args.weight_decay)
+    assert [len(g["params"]) for g in built.param_groups] == [len(g["params"]) for g in reference.param_groups]
+    if name == "eva":  # the Linear layers were preconditioned: their running statistics exist
+        linear = model.model.layers[0].mlp.up_proj.weight
+        assert "eva_a" in built.state[linear] and "eva_g" in built.state[linear]
+    assert all(math.isfinite(x) for x in logged(trainer, "loss"))

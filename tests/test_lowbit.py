@@ -1,5 +1,7 @@
 """The low-bit family: the block-wise 8-bit quantiser and state codec, adam8bit / adamw8bit /
-lion8bit against bitsandbytes' 8-bit optimizers on CPU, and Muon against its reference."""
+lion8bit against bitsandbytes' 8-bit optimizers on CPU, the 4-bit quantiser and adam4bit /
+adamw4bit against the paper's quantiser written out (optim_db_lowbit) and torchao's AdamW4bit,
+and Muon against its reference."""
 from __future__ import annotations
 
 import copy
@@ -9,8 +11,11 @@ import pytest
 import torch
 
 import optim_plugins as op
+import optim_db  # noqa: F401  (imported first: it collects optim_db_lowbit's entries)
+from optim_db_lowbit import LINEAR_MAP, FourBitReference, block_quantized, de_map, rank1_quantized
+from optim_plugins.kernels import quantize as Q
 from optim_plugins.kernels.quantize import BLOCK_SIZE, dequantize_blockwise, dynamic_map, quantize_blockwise
-from optim_plugins.optimizers.lowbit import Adam8bit, Lion8bit
+from optim_plugins.optimizers.lowbit import Adam8bit, AdamW4bit, Lion8bit
 from optim_plugins.optimizers.muon import Muon, muon_param_groups, newton_schulz
 
 bnb = pytest.importorskip("bitsandbytes")
@@ -237,6 +242,145 @@ def test_final_loss_on_digits_within_1_percent_of_bitsandbytes(name, digits):
     theirs = train_digits(lambda ps: BNB[name](ps, **options), digits)
     print(f"{name}: final digits loss {ours:.4f}, bitsandbytes {theirs:.4f} ({abs(ours - theirs) / theirs:.2%})")
     assert ours < 0.5 and abs(ours - theirs) <= 0.01 * theirs
+
+
+# ----------------------------------------------------------------------------- fast exact code search
+
+SPECIAL = torch.tensor([0.0, -0.0, 1.0, -1.0, float("inf"), -float("inf"), float("nan"), -float("nan"),
+                        1e-45, -1e-45, 1e-38, -3e38, 3e38])
+
+
+@pytest.mark.parametrize("kind", ["dynamic_signed", "dynamic_unsigned", "dynamic4_signed", "linear4"])
+def test_code_index_is_bucketize_bitwise(kind):
+    """The table lookup on the fp32 bit pattern gives torch.bucketize's index for every value tried:
+    each midpoint, its float neighbours, the codes, special values and a million heavy-tailed ones."""
+    code = {"dynamic_signed": dynamic_map(True), "dynamic_unsigned": dynamic_map(False),
+            "dynamic4_signed": de_map(), "linear4": LINEAR_MAP}[kind]
+    midpoints = (code[1:] + code[:-1]) / 2
+    up, down = torch.nextafter(midpoints, torch.tensor(2.0)), torch.nextafter(midpoints, torch.tensor(-2.0))
+    x = torch.cat([SPECIAL, midpoints, up, down, code, heavy_tailed(1_000_000, True, seed=3), torch.rand(10_000) * 2 - 1])
+    assert torch.equal(Q._code_index(x, kind).long(), torch.bucketize(x, midpoints))
+
+
+@pytest.mark.parametrize("signed", [True, False])
+def test_8bit_codes_are_unchanged_by_the_fast_search(signed):
+    """quantize_blockwise_ stores the codes of the former bucketize formula, written out here."""
+    x = torch.cat([heavy_tailed(BLOCK_SIZE * 300 + 7, signed, seed=5), SPECIAL.abs() if not signed else SPECIAL])
+    codes, absmax = quantize_blockwise(x, signed)
+    code = dynamic_map(signed)
+    flat = torch.nn.functional.pad(x, (0, (-x.numel()) % BLOCK_SIZE)).view(-1, BLOCK_SIZE)
+    expected_absmax = flat.abs().amax(1)
+    scaled = flat / expected_absmax.clamp_min(torch.finfo(torch.float32).tiny).unsqueeze(1)
+    index = torch.bucketize(scaled, (code[1:] + code[:-1]) / 2).clamp(max=255)
+    if not signed:
+        index = torch.maximum(index, (scaled > 0).long())
+    assert torch.equal(codes, index.view(-1)[: x.numel()].to(torch.uint8))
+    assert torch.equal(absmax, expected_absmax) or torch.equal(absmax.isnan(), expected_absmax.isnan())
+
+
+# ----------------------------------------------------------------------------- 4-bit
+
+
+def test_4bit_maps_are_the_papers():
+    assert torch.equal(Q.dynamic_map(True, max_exponent_bits=3, total_bits=4), de_map())
+    assert de_map().tolist()[:3] == pytest.approx([-0.8875, -0.6625, -0.4375]) and de_map()[7] == 0  # signed DE, with 0
+    assert torch.equal(Q.linear_map(), LINEAR_MAP) and LINEAR_MAP.min() == 1 / 16  # linear, zero excluded
+
+
+@pytest.mark.parametrize("signed", [True, False])
+def test_4bit_blockwise_is_the_papers_quantiser(signed):
+    x = heavy_tailed(128 * 30 + 5, signed, seed=1).view(-1)  # a short last block too
+    packed = torch.empty(Q.num_bytes_4bit(x.numel()), dtype=torch.uint8)
+    absmax = torch.empty(Q.num_blocks(x.numel(), 128))
+    Q.quantize_4bit_blockwise_(x, packed, absmax, signed)
+    assert packed.numel() == (x.numel() + 1) // 2  # two codes per byte
+    back = Q.dequantize_4bit_blockwise(packed, absmax, x.shape, signed)
+    assert torch.equal(back, block_quantized(x, de_map() if signed else LINEAR_MAP))
+
+
+@pytest.mark.parametrize("shape", [(48, 80), (6, 10, 12)])
+def test_4bit_rank1_is_the_papers_quantiser(shape):
+    v = heavy_tailed(torch.Size(shape).numel(), signed=False, seed=2).view(shape)
+    v[0] = 0.0  # an all-zero row: scale 0, value 0
+    packed = torch.empty(Q.num_bytes_4bit(v.numel()), dtype=torch.uint8)
+    maxima = torch.empty(sum(shape))
+    Q.quantize_4bit_rank1_(v, packed, maxima)
+    expected = rank1_quantized(v, LINEAR_MAP)
+    torch.testing.assert_close(Q.dequantize_4bit_rank1(packed, maxima, v.shape), expected, rtol=1e-6, atol=0)
+    assert (expected[0] == 0).all() and maxima[0] == 0
+
+
+def test_4bit_packing_is_torchaos():
+    """Same bytes as torchao's 4-bit optimizer state for the same block scaling (high nibble first)."""
+    torchao = pytest.importorskip("torchao.optim.quant_utils", reason="torchao (a test dependency) is not installed")
+    x = heavy_tailed(128 * 64, signed=True, seed=4)
+    scaled, scale = torchao.scale_tensor(x, 128)
+    theirs = torchao.quantize_4bit_with_qmap(scaled, torch.tensor(torchao.create_dynamic_map(True, 3, 4)))
+    packed = torch.empty(x.numel() // 2, dtype=torch.uint8)
+    absmax = torch.empty(64)
+    Q.quantize_4bit_blockwise_(x, packed, absmax, True)
+    assert torch.equal(absmax, scale) and torch.equal(packed, (theirs[::2] << 4) | theirs[1::2])
+
+
+def test_adamw4bit_state_bytes_per_parameter():
+    """1024 x 1024 weight: 0.5 B (codes) + 4/128 B (absmax) first moment, 0.5 B + 4 x 2048 / 1024^2 B
+    (row and column maxima) second moment: 1.0390625 bytes per parameter, against 8 for fp32 AdamW."""
+    model = torch.nn.Linear(1024, 1024, bias=False)
+    opt = op.create_optimizer("adamw4bit", model.parameters())
+    model.weight.grad = torch.randn_like(model.weight)
+    opt.step()
+    per_param = state_bytes(opt) / model.weight.numel()
+    print(f"adamw4bit: {per_param:.4f} state bytes per parameter")
+    assert per_param == 0.5 + 4 / 128 + 0.5 + 4 * 2048 / 1024**2
+    state = opt.state[model.weight]
+    assert state["exp_avg"].dtype == state["exp_avg_sq"].dtype == torch.uint8
+    assert state["exp_avg"].shape == (1024 * 1024 // 2,) and state["exp_avg_sq_rank1"].shape == (2048,)
+
+
+def test_min_4bit_size_keeps_small_tensors_fp32():
+    small, large = torch.nn.Parameter(torch.randn(4095)), torch.nn.Parameter(torch.randn(4096))
+    opt = AdamW4bit([small, large], lr=1e-3)
+    run(opt, [small, large], 1, lambda ps: sum((p**2).sum() for p in ps))
+    assert opt.state[small]["exp_avg"].dtype == torch.float32
+    assert opt.state[large]["exp_avg"].shape == (2048,) and opt.state[large]["exp_avg_sq_absmax"].shape == (32,)
+
+
+def test_adamw4bit_trajectory_matches_the_paper_reference_on_large_tensors():
+    ours, theirs = big_params(), big_params()
+    run(op.create_optimizer("adamw4bit", ours, lr=1e-2, weight_decay=0.1), ours, 10)
+    run(FourBitReference(theirs, lr=1e-2, weight_decay=0.1, decoupled_weight_decay=True), theirs, 10)
+    for a, b in zip(ours, theirs):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_adamw4bit_block_scale_tracks_torchao(monkeypatch):
+    """second_moment_scale="block" is torchao's AdamW4bit format: same trajectory within quantisation noise.
+    torchao's step is run eagerly (its torch.compile would take minutes on this CPU)."""
+    torchao_optim = pytest.importorskip("torchao.optim", reason="torchao (a test dependency) is not installed")
+    monkeypatch.setattr(torch, "compile", lambda fn, **kwargs: fn)
+    shapes = ((96, 64), (64,))
+    ours, theirs, full = big_params(shapes=shapes), big_params(shapes=shapes), big_params(shapes=shapes)
+    options = dict(lr=1e-2, weight_decay=0.1)
+    run(op.create_optimizer("adamw4bit", ours, second_moment_scale="block", **options), ours, 20)
+    reference = torchao_optim.AdamW4bit(theirs, **options)
+    run(reference, theirs, 20)
+    assert type(reference.state[theirs[0]]["exp_avg_sq"]).__name__ == "OptimState4bit"
+    run(op.create_optimizer("adamw", full, **options), full, 20)
+    error = ((ours[0] - theirs[0]).norm() / theirs[0].norm()).item()
+    cost_of_4_bits = ((full[0] - theirs[0]).norm() / theirs[0].norm()).item()
+    print(f"adamw4bit (block): relative L2 difference to torchao {error:.2e} (torchao to fp32: {cost_of_4_bits:.2e})")
+    assert error <= 1e-3 and error <= 0.1 * cost_of_4_bits
+    torch.testing.assert_close(ours[1], theirs[1], rtol=1e-5, atol=1e-6)  # below 4096 elements: fp32 on both sides
+
+
+def test_bf16_parameters_with_4bit_states():
+    params = [torch.nn.Parameter(p.detach().bfloat16()) for p in big_params()]
+    opt = op.create_optimizer("adamw4bit", params, lr=1e-2)
+    start = quadratic(params).item()
+    run(opt, params, 20)
+    assert all(p.dtype == torch.bfloat16 for p in params) and quadratic(params).item() < 0.9 * start
+    state = opt.state[params[0]]
+    assert state["exp_avg"].dtype == torch.uint8 and state["compensation"].dtype == torch.bfloat16
 
 
 # ----------------------------------------------------------------------------- Muon

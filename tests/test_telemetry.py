@@ -103,10 +103,10 @@ def test_layer_numbers_match_independent_computation(name):
         assert set(record["units"]) == {"layers.0.mlp.0", "layers.0.mlp.2", "layers.1.mlp.0", "layers.1.mlp.2", "head"}
         assert all(v["lr"] == pytest.approx(1e-2) for v in record["units"].values())
     assert recorder.history[-1]["state_bytes"] == op.state_bytes(optimizer)
-    if name == "adamw":  # mean sqrt(exp_avg_sq) over the unit's elements
+    if name == "adamw":  # RMS of sqrt(exp_avg_sq) over the unit's elements: sqrt(mean(v))
         states = [optimizer.state[p]["exp_avg_sq"] for p in model.head.parameters()]
-        mean = float(sum(s.sqrt().sum() for s in states)) / sum(s.numel() for s in states)
-        assert recorder.history[-1]["units"]["head"]["second_moment"] == pytest.approx(mean, rel=1e-5)
+        rms = math.sqrt(float(sum(s.double().sum() for s in states)) / sum(s.numel() for s in states))
+        assert recorder.history[-1]["units"]["head"]["second_moment"] == pytest.approx(rms, rel=1e-5)
     else:
         assert "second_moment" not in recorder.history[-1]["units"]["head"]
     recorder.remove()
@@ -142,7 +142,7 @@ def test_torch_optimizer_falls_back_to_step_hooks():
     for record, exp in zip(recorder.history, expected):
         assert_matches(record, exp)
     v = optimizer.state[model.head.weight]["exp_avg_sq"]
-    assert recorder.history[-1]["units"]["head.weight"]["second_moment"] == pytest.approx(float(v.sqrt().mean()), rel=1e-5)
+    assert recorder.history[-1]["units"]["head.weight"]["second_moment"] == pytest.approx(math.sqrt(float(v.double().mean())), rel=1e-5)
     recorder.remove()
     assert not optimizer._optimizer_step_pre_hooks and not optimizer._optimizer_step_post_hooks
 
@@ -260,6 +260,16 @@ def test_off_costs_nothing_and_removed_recorder_leaves_no_trace():
         telemetry(opt_b), telemetry(opt_b)
 
 
+def test_released_gradients_are_refused_clearly():
+    model = make()
+    optimizer = op.create_optimizer("adamw", model, lr=1e-2)
+    handle = op.release_gradients(model, optimizer)
+    with pytest.raises(ValueError, match="release_gradients"):
+        telemetry(optimizer)
+    handle.remove()
+    telemetry(optimizer).remove()
+
+
 # ----------------------------------------------------------------------------- readers
 
 
@@ -356,3 +366,22 @@ def test_lightning_callback_logs_to_csv(tmp_path):
         [r["units"]["net.layers.0"]["update_ratio"] for r in callback.recorder.history])
     assert not callback.recorder.active
     assert (tmp_path / "lightning_logs" / "version_0" / "telemetry.jsonl").exists()
+
+
+# ----------------------------------------------------------------------------- benchmark suite (smoke size)
+
+
+def test_bench_suite_telemetry_smoke(tmp_path):
+    from optim_plugins.bench.telemetry import VARIANTS
+    from optim_plugins.cli import main
+
+    out = tmp_path / "telemetry.md"
+    assert main(["bench", "--suite", "telemetry", "--params", "3000", "--optimizers", "adamw@reference,adam8bit",
+                 "--repeats", "2", "-o", str(out)]) == 0
+    table = out.read_text()
+    rows = [[c.strip() for c in line.split("|")[1:-1]] for line in table.splitlines() if line.startswith("| adam")]
+    assert [r[:3] for r in rows] == [[n, b, v] for n, b in (("adamw", "reference"), ("adam8bit", "foreach")) for v in VARIANTS]
+    for row in rows:
+        assert float(row[3]) > 0 and float(row[4]) > 0
+        assert row[5] == "-" if row[2] == "off" else row[5].endswith("%")
+    assert "one copy of the parameters" in table and "load average" in table

@@ -16,14 +16,22 @@ SUITES = {
     "scale": "step time vs parameter count and vs number of tensors (writes a PNG)",
     "lean": "peak memory and step time of memory-lean AdamW modes (bf16+Kahan, 8/4-bit, GaLore, release)",
     "telemetry": "step-time overhead of op.telemetry recording every step",
+    "sharded": "optimizer-state bytes per rank under ShardedOptimizer, 2 and 4 gloo processes",
 }
-DEFAULT_OUTPUT = {"speed": "benchmarks/results.md", "memory": "benchmarks/state_memory.md"}
+DEFAULT_OUTPUT = {"speed": "benchmarks/results.md", "memory": "benchmarks/state_memory.md",
+                  "sharded": "benchmarks/sharded_state.md"}
+# Options a suite gets when the command line leaves them out (None).
+COMMON_DEFAULTS = {"optimizers": "adamw,sgd,rmsprop", "params": 4e6}
+SUITE_DEFAULTS = {"telemetry": {"optimizers": "adamw,adamw@foreach,adafactor,adam8bit", "params": 2e7}}
 
 
 def run_suite(name: str, args: argparse.Namespace, command: str) -> str:
     """Run suite ``name`` and write its table to ``args.output`` (unless empty); return the table."""
     if name not in SUITES:
         raise ValueError(f"invalid suite: {name!r} (choose from {', '.join(SUITES)})")
+    for key, value in {**COMMON_DEFAULTS, **SUITE_DEFAULTS.get(name, {})}.items():
+        if getattr(args, key, None) is None:
+            setattr(args, key, value)
     table = importlib.import_module(f"{__name__}.{name}").main(args, command)
     if args.output:
         Path(args.output).parent.mkdir(parents=True, exist_ok=True)

@@ -1,10 +1,18 @@
-"""ZeRO-1 style sharded optimizer state: each rank keeps and steps the state of a part of the parameters.
+"""ZeRO-1/2 style sharded optimizer state: each rank keeps and steps the state of a part of the parameters.
 
 Every rank holds all parameters and (after DDP's all-reduce) all gradients. The parameters are
 split into ``world_size`` parts of about equal *optimizer-state* bytes, by whole tensors, so
 that whole-tensor math (factored moments, trust ratios, orthogonalised updates) stays exact.
 A rank keeps the state of its part only, steps only its part, and the updated parameters are
 then broadcast from their owners in buckets (flattened per device and dtype).
+
+With ``stage=2`` (ZeRO-2) the model is not wrapped in DDP: :meth:`ShardedOptimizer.step` first
+averages the gradients into their owners with a bucketed ``reduce_scatter_tensor`` (each rank's
+part padded to the largest part) and frees the gradients of parameters other ranks own. The
+reduction runs once per optimizer step, after backward: between reduction and ``zero_grad`` a
+rank holds only its partition's gradients, but the peak during backward is still every gradient
+(no backward hooks). Communication per step: a reduce-scatter plus the broadcast, the volume of
+DDP's all-reduce alone (ZeRO-1 under DDP adds the broadcast to the all-reduce).
 
 Checkpoints never communicate in :meth:`ShardedOptimizer.state_dict` (the HF Trainer calls it
 on the saving rank alone): it returns this rank's shard plus metadata. Consolidation is the
@@ -14,6 +22,7 @@ reshards into any world size.
 """
 from __future__ import annotations
 
+import contextlib
 import glob
 import math
 import os
@@ -44,6 +53,15 @@ def _global_rank(process_group: Any, rank: int) -> int:
     if process_group is None or process_group is dist.group.WORLD:
         return rank
     return dist.get_global_rank(process_group, rank)
+
+
+# torch 2.13 renamed reduce_scatter_tensor (deprecated there) to reduce_scatter_single; gloo has both
+_reduce_scatter = getattr(dist, "reduce_scatter_single", None) or getattr(dist, "reduce_scatter_tensor", None)
+
+
+def _check_stage(stage: Any) -> None:
+    if stage not in (1, 2) or isinstance(stage, bool):
+        raise ValueError(f"invalid stage: {stage!r} (1: sharded optimizer state, 2: also sharded gradients)")
 
 
 def _capabilities_of(optimizer: torch.optim.Optimizer, spec: Any = None) -> Any:
@@ -140,11 +158,41 @@ def shard_file_name(rank: int, world_size: int) -> str:
 
 
 def save_sharded(optimizer: "ShardedOptimizer", directory: str | os.PathLike) -> str:
-    """Save this rank's shard as ``directory/optimizer.rankRRRRR-of-WWWWW.pt`` (no communication)."""
+    """Save this rank's shard as ``directory/optimizer.rankRRRRR-of-WWWWW.pt`` (no communication).
+
+    Written to a temporary name and renamed, so a rank dying mid-write leaves no truncated shard
+    (the set is then incomplete, which loading reports); shards of other directories are untouched.
+    """
     os.makedirs(directory, exist_ok=True)
     path = os.path.join(directory, shard_file_name(optimizer.rank, optimizer.world_size))
-    torch.save(optimizer.state_dict(), path)
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        torch.save(optimizer.state_dict(), tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
     return path
+
+
+def shard_files(directory: str | os.PathLike) -> list[str]:
+    """The shard files of ``directory``, checked to be one complete set (``ValueError`` otherwise)."""
+    path = os.fspath(directory)
+    files = sorted(f for f in glob.glob(os.path.join(path, "optimizer.rank*-of-*.pt")) if _SHARD_RE.search(f))
+    if not files:
+        raise ValueError(f"no optimizer shard files (optimizer.rankRRRRR-of-WWWWW.pt) in {path!r}")
+    found = [tuple(int(x) for x in _SHARD_RE.search(f).groups()) for f in files]
+    sizes = sorted({w for _, w in found})
+    if len(sizes) > 1:
+        raise ValueError(f"{path!r} holds optimizer shards of several world sizes {sizes}; keep one set per directory")
+    ranks = sorted(r for r, _ in found)
+    if ranks != list(range(sizes[0])):
+        missing = sorted(set(range(sizes[0])) - set(ranks))
+        raise ValueError(
+            f"{path!r} holds an incomplete set of optimizer shards of a {sizes[0]}-process run: missing ranks "
+            f"{missing} (a rank died while saving?); load an earlier checkpoint"
+        )
+    return files
 
 
 def load_shards(source: str | os.PathLike | Sequence[Any]) -> list[dict[str, Any]]:
@@ -152,13 +200,7 @@ def load_shards(source: str | os.PathLike | Sequence[Any]) -> list[dict[str, Any
     if isinstance(source, (str, os.PathLike)):
         path = os.fspath(source)
         if os.path.isdir(path):
-            files = sorted(f for f in glob.glob(os.path.join(path, "optimizer.rank*-of-*.pt")) if _SHARD_RE.search(f))
-            if not files:
-                raise ValueError(f"no optimizer shard files ({SHARD_PATTERN.format(rank=0, world_size=1).replace('00000', 'R…', 1)}) in {path!r}")
-            sizes = sorted({int(_SHARD_RE.search(f).group(2)) for f in files})
-            if len(sizes) > 1:
-                raise ValueError(f"{path!r} holds optimizer shards of several world sizes {sizes}; keep one set per directory")
-            return [torch.load(f, map_location="cpu", weights_only=True) for f in files]
+            return [torch.load(f, map_location="cpu", weights_only=True) for f in shard_files(path)]
         return [torch.load(path, map_location="cpu", weights_only=True)]
     return [s if isinstance(s, Mapping) else load_shards(s)[0] for s in source]
 
@@ -218,13 +260,27 @@ class ShardedOptimizer(torch.optim.Optimizer):
     other ranks own is dropped). ``param_groups`` are the full groups (schedulers work as
     usual); ``state`` holds this rank's part only.
 
-    Every rank must hold the same gradients when :meth:`step` runs (DDP, or an all-reduce
-    of your own). Without an initialised process group it runs as a world of one.
+    ``stage=1`` (ZeRO-1): every rank must hold the same gradients when :meth:`step` runs (DDP,
+    or an all-reduce of your own). ``stage=2`` (ZeRO-2): each rank holds the gradients of its own
+    batch (no DDP); :meth:`step` averages them into their owners (see :meth:`reduce_gradients`).
+    Without an initialised process group it runs as a world of one.
+
+    If a collective fails (another rank died or timed out), :meth:`step` raises ``RuntimeError``
+    saying so; this rank's parameters may then be partly updated: restart from the last checkpoint.
 
     Args:
         process_group: the ranks to shard across (default: the whole world).
-        bucket_mb: size of the flattened buckets the updated parameters are broadcast in.
+        bucket_mb: size of the flattened buckets parameters are broadcast (and, with stage 2,
+            gradients reduce-scattered) in.
+        stage: 1 (ZeRO-1, sharded optimizer state) or 2 (also sharded gradients).
     """
+
+    # torch.amp.GradScaler: unscale the gradients itself and skip step() on overflow, rather than
+    # hand the wrapped optimizer grad_scale/found_inf (it would set them on this wrapper, unseen by
+    # the inner step, and the flag would not be agreed across ranks). Agree the flag with
+    # sync_grad_scaler(scaler, opt) after scaler.unscale_(opt): needed with stage=2, where ranks hold
+    # different gradients (a rank that skips alone leaves the others waiting in the reduce-scatter).
+    _step_supports_amp_scaling = False
 
     def __init__(
         self,
@@ -233,9 +289,11 @@ class ShardedOptimizer(torch.optim.Optimizer):
         *,
         process_group: Any = None,
         bucket_mb: float = 25.0,
+        stage: int = 1,
         **options: Any,
     ):
         spec = None
+        _check_stage(stage)
         if isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError("ShardedOptimizer(params, optimizer=...) takes a name or class; use ShardedOptimizer.wrap(optimizer)")
         if isinstance(optimizer, (str, Mapping)) or hasattr(optimizer, "options"):
@@ -253,24 +311,28 @@ class ShardedOptimizer(torch.optim.Optimizer):
             inner = optimizer(params, **options)
         else:
             raise TypeError(f"optimizer must be a registry name, a config or an optimizer class, not {optimizer!r}")
-        self._setup(inner, spec, process_group, bucket_mb)
+        self._setup(inner, spec, process_group, bucket_mb, stage)
 
     @classmethod
-    def wrap(cls, optimizer: torch.optim.Optimizer, *, process_group: Any = None, bucket_mb: float = 25.0) -> "ShardedOptimizer":
+    def wrap(cls, optimizer: torch.optim.Optimizer, *, process_group: Any = None, bucket_mb: float = 25.0,
+             stage: int = 1) -> "ShardedOptimizer":
         """Shard an optimizer already built (its param_groups stay the full groups)."""
         if isinstance(optimizer, ShardedOptimizer):
             raise TypeError("optimizer is already a ShardedOptimizer")
+        _check_stage(stage)
         self = cls.__new__(cls)
-        self._setup(optimizer, None, process_group, bucket_mb)
+        self._setup(optimizer, None, process_group, bucket_mb, stage)
         return self
 
-    def _setup(self, inner: torch.optim.Optimizer, spec: Any, process_group: Any, bucket_mb: float) -> None:
+    def _setup(self, inner: torch.optim.Optimizer, spec: Any, process_group: Any, bucket_mb: float, stage: int) -> None:
         check_shardable(inner, spec)
         if bucket_mb <= 0:
             raise ValueError(f"invalid bucket_mb: {bucket_mb!r} (must be > 0)")
         self.optimizer = inner
         self.process_group = process_group
         self.bucket_bytes = int(bucket_mb * 2**20)
+        self.stage = stage
+        self._grads_reduced = False
         self.rank, self.world_size = _rank_and_size(process_group)
         # what torch.optim.Optimizer.__init__ sets, without building groups of our own
         self._optimizer_step_pre_hooks = OrderedDict()
@@ -386,6 +448,75 @@ class ShardedOptimizer(torch.optim.Optimizer):
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         self.optimizer.zero_grad(set_to_none=set_to_none)
+        self._grads_reduced = False
+
+    @torch.no_grad()
+    def reduce_gradients(self) -> None:
+        """ZeRO-2 (``stage=2``): average every gradient across ranks into its owner and free the
+        gradients of parameters other ranks own (collective; :meth:`step`, :meth:`clip_grad_norm_`
+        and :meth:`found_inf` call it, once per step). A no-op with ``stage=1``.
+
+        Bucketed ``reduce_scatter_tensor`` per device and dtype: round ``k`` sends the ``k``-th
+        slice of every rank's part (the owned gradients, flattened and padded to the largest
+        part). A parameter without a gradient on some rank counts as zero there; one without a
+        gradient on every rank keeps ``grad=None``.
+        """
+        if self.stage != 2 or self._grads_reduced:
+            return
+        self._grads_reduced = True
+        if self.world_size == 1:
+            return
+        params = self._params()
+        with self._collective("the gradient reduce-scatter"):
+            has = torch.tensor([float(p.grad is not None) for p in params], dtype=torch.float32)
+            dist.all_reduce(has, op=dist.ReduceOp.MAX, group=self.process_group)
+            kinds: dict[tuple, list[list[int]]] = defaultdict(lambda: [[] for _ in range(self.world_size)])
+            for i, p in enumerate(params):
+                if has[i]:
+                    kinds[(p.device, p.dtype)][self._owners[i]].append(i)
+            for (device, dtype), per_rank in kinds.items():
+                flats = []
+                for indices in per_rank:
+                    parts = [(params[i].grad if params[i].grad is not None else torch.zeros_like(params[i])).reshape(-1)
+                             for i in indices]
+                    flats.append(torch.cat(parts) if parts else torch.empty(0, dtype=dtype, device=device))
+                size = max(f.numel() for f in flats)
+                step = max(1, self.bucket_bytes // (torch.empty((), dtype=dtype).element_size() * self.world_size))
+                mine = torch.empty(size, dtype=dtype, device=device)
+                for start in range(0, size, step):
+                    n = min(step, size - start)
+                    send = torch.zeros(self.world_size * n, dtype=dtype, device=device)
+                    for r, flat in enumerate(flats):
+                        piece = flat[start:start + n]
+                        send[r * n:r * n + piece.numel()] = piece
+                    send.div_(self.world_size)  # average as DDP does (divide, then sum)
+                    _reduce_scatter(mine[start:start + n], send, group=self.process_group)
+                offset = 0
+                for i in per_rank[self.rank]:
+                    p = params[i]
+                    reduced = mine[offset:offset + p.numel()].view_as(p)
+                    offset += p.numel()
+                    if p.grad is None:
+                        p.grad = reduced.clone()
+                    else:
+                        p.grad.copy_(reduced)
+        for i, p in enumerate(params):
+            if self._owners[i] != self.rank:
+                p.grad = None
+
+    @contextlib.contextmanager
+    def _collective(self, what: str):
+        """Name the cause when a collective fails: another rank died (gloo: connection reset) or hung."""
+        try:
+            yield
+        except RuntimeError as exc:
+            if "ShardedOptimizer" in str(exc):
+                raise
+            raise RuntimeError(
+                f"ShardedOptimizer on rank {self.rank} of {self.world_size}: {what} with the other ranks failed "
+                f"({type(exc).__name__}: {str(exc).splitlines()[0][:300]}); another rank probably died or timed out. "
+                "This rank's parameters may be partly updated: restart every rank from the last checkpoint"
+            ) from exc
 
     def train(self) -> None:
         """For train/eval optimizers (schedule-free): switch, then broadcast the parameters
@@ -404,7 +535,8 @@ class ShardedOptimizer(torch.optim.Optimizer):
         if self.world_size == 1:
             return values
         flags = torch.tensor(values, dtype=torch.float64)
-        dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=self.process_group)
+        with self._collective("an all_reduce of step flags"):
+            dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=self.process_group)
         return flags.tolist()
 
     @torch.no_grad()
@@ -419,6 +551,8 @@ class ShardedOptimizer(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        self.reduce_gradients()
+        self._grads_reduced = False  # the next backward brings new gradients
         policy = self.optimizer.defaults.get("nonfinite", "propagate")
         if policy in ("skip", "raise"):
             grads = [p.grad for p in self.owned_params() if p.grad is not None]
@@ -448,7 +582,7 @@ class ShardedOptimizer(torch.optim.Optimizer):
         if failed:
             raise RuntimeError(
                 f"ShardedOptimizer: the optimizer step failed on rank {int(failed) - 1} (see its error); "
-                f"parameters were not synchronised on rank {self.rank}"
+                f"parameters were not synchronised on rank {self.rank}: restart every rank from the last checkpoint"
             )
         self._broadcast_params()
         return loss
@@ -456,6 +590,10 @@ class ShardedOptimizer(torch.optim.Optimizer):
     def _broadcast_params(self) -> None:
         if self.world_size == 1:
             return
+        with self._collective("the broadcast of updated parameters"):
+            self._broadcast_params_now()
+
+    def _broadcast_params_now(self) -> None:
         params = self._params()
         pending = []
         for owner, indices in self._buckets:
@@ -490,6 +628,7 @@ class ShardedOptimizer(torch.optim.Optimizer):
         ``torch.nn.utils.clip_grad_norm_(model.parameters(), ...)`` up to summation order.
         """
         norm_type = float(norm_type)
+        self.reduce_gradients()
         grads = [p.grad for p in self.owned_params() if p.grad is not None]
         all_grads = [p.grad for p in self._params() if p.grad is not None]
         device = all_grads[0].device if all_grads else torch.device("cpu")
@@ -513,6 +652,7 @@ class ShardedOptimizer(torch.optim.Optimizer):
 
     def found_inf(self) -> bool:
         """Whether any rank's owned gradients hold NaN/Inf (all_reduce MAX of the flag)."""
+        self.reduce_gradients()
         return found_inf([p.grad for p in self.owned_params() if p.grad is not None], self.process_group)
 
     # -------------------------------------------------------------- state dicts
@@ -573,7 +713,15 @@ class ShardedOptimizer(torch.optim.Optimizer):
         (list of dicts or files, or a directory of ``optimizer.rank*-of-*.pt``), a complete
         shard (world size 1), or a consolidated dict; reshards to this world size. Never
         communicates. A mismatch raises ``ValueError`` and leaves this optimizer unchanged."""
-        if isinstance(state_dict, (str, os.PathLike, list, tuple)):
+        if isinstance(state_dict, (str, os.PathLike)) and os.path.isdir(state_dict):
+            files = shard_files(state_dict)  # a complete set, or ValueError
+            own = os.path.join(os.fspath(state_dict), shard_file_name(self.rank, self.world_size))
+            if own in files:  # same world size: this rank's file alone, when the partition matches too
+                shard = torch.load(own, map_location="cpu", weights_only=True)
+                if shard[META_KEY]["partitions"] == self.partitions:
+                    return self.load_state_dict(shard)
+            full = consolidate_shards([torch.load(f, map_location="cpu", weights_only=True) for f in files])
+        elif isinstance(state_dict, (str, os.PathLike, list, tuple)):
             full = consolidate_shards(load_shards(state_dict))
         elif isinstance(state_dict, Mapping) and META_KEY in state_dict:
             meta = state_dict[META_KEY]
@@ -582,7 +730,9 @@ class ShardedOptimizer(torch.optim.Optimizer):
                 if meta["rank"] != self.rank:
                     raise ValueError(
                         f"optimizer shard of rank {meta['rank']} loaded on rank {self.rank}: each rank loads its own "
-                        f"shard ({shard_file_name(self.rank, self.world_size)}), or pass the complete set of shards"
+                        f"shard ({shard_file_name(self.rank, self.world_size)}), or pass the complete set of shards. "
+                        "(The HF Trainer saves only rank 0's optimizer.state_dict(): resume with "
+                        "optim_plugins.integrations.hf.OptimPluginsTrainer, which saves and loads one shard per rank)"
                     )
                 full = {"state": state_dict["state"], "param_groups": state_dict["param_groups"]}
             elif _is_complete_shard(state_dict):

@@ -5,4 +5,5 @@ Each adapter lives in its own module and imports its trainer library only there,
 
 - :mod:`optim_plugins.integrations.hf`: the Hugging Face ``Trainer`` (``install()``,
   ``OptimPluginsTrainer``, ``OptimPluginsArguments``, ``make_parser``).
+- :mod:`optim_plugins.integrations.release`: gradient release under the HF Trainer and Lightning.
 """

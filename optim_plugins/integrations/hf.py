@@ -31,7 +31,8 @@ places (all touched in the section "private surface" below and checked by :func:
 the enum ``training_args.OptimizerNames`` + the table ``trainer_optimizer._OPTIMIZER_HANDLERS`` read
 by ``Trainer.get_optimizer_cls_and_kwargs``, and the enum ``trainer_utils.SchedulerType`` + the table
 ``optimization.TYPE_TO_SCHEDULER_FUNCTION`` read by ``get_scheduler``; :class:`OptimPluginsTrainerMixin`
-also wraps ``Trainer._save_checkpoint``. Tested with transformers 5.23 and 5.24; another major
+also wraps ``Trainer._save_checkpoint`` and, for sharded optimizer state, ``_save_optimizer_and_scheduler`` /
+``_load_optimizer_and_scheduler``. Tested with transformers 5.23 and 5.24; another major
 version, or a changed surface, raises ``RuntimeError`` naming what changed (nothing falls back
 silently). ``OPTIM_PLUGINS_HF_ALLOW_UNTESTED=1`` lets another version through the version check
 (the structural checks still run).
@@ -43,6 +44,7 @@ from __future__ import annotations
 import contextvars
 import dataclasses
 import enum
+import glob
 import inspect
 import os
 import types
@@ -365,6 +367,9 @@ class OptimPluginsArguments:
     no_decay: list[str] = field(default_factory=list, metadata={"help": "extra regexes of parameter names without weight decay"})
     hessian_interval: int | None = field(
         default=None, metadata={"help": "optimizer steps between Hessian updates (needs_model optimizers such as Sophia); default 10"})
+    shard_optimizer_state: bool = field(
+        default=False, metadata={"help": "ZeRO-1: shard the optimizer state across the data-parallel processes "
+                                         "(optim_plugins.distributed.ShardedOptimizer; checkpoints hold one shard file per rank)"})
 
     def group_options(self) -> dict[str, Any]:
         options: dict[str, Any] = {}
@@ -436,8 +441,14 @@ def _needs_create_graph(optimizer_or_class: Any) -> bool:
     return bool(getattr(caps, "needs_create_graph", False) or getattr(cls, "needs_create_graph", False))
 
 
+def _needs_hessian_pass(caps: Capabilities, optimizer_or_factory: Any) -> bool:
+    """needs_model optimizers with a periodic ``update_hessian`` (Sophia); Eva/GaLore only need the model at build time."""
+    return caps.needs_model and callable(getattr(optimizer_or_factory, "update_hessian", None))
+
+
 def _needs_mixin(caps: Capabilities, factory: Any = None) -> list[str]:
-    flags = [flag for flag in ("needs_closure", "needs_model", "train_eval") if getattr(caps, flag)]
+    flags = [flag for flag in ("needs_closure", "train_eval") if getattr(caps, flag)]
+    flags += ["needs_model"] if _needs_hessian_pass(caps, factory) else []
     return flags + (["needs_create_graph"] if factory is not None and _needs_create_graph(factory) else [])
 
 
@@ -468,6 +479,11 @@ def _optimizer_handler(ctx: Any) -> tuple[Any, dict[str, Any]]:
         from .. import create_optimizer
 
         return (lambda: (lambda model, **kw: create_optimizer(config, model, **kw))), {}
+    model_groups = getattr(spec.factory, "model_param_groups", None)
+    if model_groups is not None:  # the optimizer chooses its tensors from the model (Muon, GaLore, APOLLO, Eva)
+        groups, kwargs = model_groups(model, kwargs, **config.group_options())
+        # a factory, not (class, kwargs): the Trainer would take a "model" kwarg as the params (its LOMO rule)
+        return (lambda: (lambda _model, **_: spec.factory(groups, **kwargs))), {}
     groups = param_groups(model, weight_decay=config.weight_decay, lr=config.lr, optimizer=spec.name, **config.group_options())
     return spec.factory, {"params": groups, **kwargs}
 
@@ -523,6 +539,14 @@ def _unwrap(optimizer: Any) -> Any:
     return optimizer
 
 
+def _sharded(optimizer: Any) -> Any:
+    """The ShardedOptimizer under accelerate's wrapper, or None."""
+    from ..distributed import ShardedOptimizer
+
+    inner = _unwrap(optimizer)
+    return inner if isinstance(inner, ShardedOptimizer) else None
+
+
 class OptimPluginsTrainerMixin:
     """Put in front of ``transformers.Trainer`` (or a subclass) to run every optimizer here:
 
@@ -541,6 +565,13 @@ class OptimPluginsTrainerMixin:
       training step and ``optimizer.eval()`` before evaluation; this adds ``eval()`` around every
       checkpoint (model and optimizer saved in eval mode, ``train()`` again afterwards), before
       ``save_model`` and at the end of ``train()``. ``train()``/``eval()`` must be idempotent.
+    - sharded optimizer state (``OptimPluginsArguments(shard_optimizer_state=True)``, or a
+      :class:`~optim_plugins.distributed.ShardedOptimizer` passed in ``optimizers=``): the Trainer
+      saves ``optimizer.state_dict()`` on the main process alone, which for a sharded optimizer is
+      rank 0's shard. Here every rank writes its own shard file
+      (``optimizer.rankRRRRR-of-WWWWW.pt``, no communication, so no rank can wait on another) next to
+      ``optimizer.pt`` (rank 0's shard, for tools that look for it), and ``resume_from_checkpoint``
+      loads the complete set of shards on every rank, resharding when the number of processes changed.
 
     Takes ``optim_plugins_args=OptimPluginsArguments(...)`` (layer decay, no-decay rules, Hessian interval).
     """
@@ -560,11 +591,18 @@ class OptimPluginsTrainerMixin:
             optimizer = super().create_optimizer(model)
         finally:
             _ACTIVE_TRAINER.reset(token)
+        if self.optim_plugins_args.shard_optimizer_state and _sharded(optimizer) is None:
+            from ..distributed import ShardedOptimizer
+
+            optimizer = self.optimizer = ShardedOptimizer.wrap(_unwrap(optimizer))
         self._op_prepare(_unwrap(optimizer))
         return optimizer
 
     def _op_prepare(self, optimizer: Any) -> None:
-        caps = self._op_caps = _capabilities(optimizer)
+        caps = _capabilities(optimizer)
+        if caps.needs_model and not _needs_hessian_pass(caps, optimizer):
+            caps = dataclasses.replace(caps, needs_model=False)  # nothing to do per step (Eva, GaLore)
+        self._op_caps = caps
         self._op_create_graph = _needs_create_graph(optimizer)
         if self._op_create_graph and self.args.max_grad_norm and self.args.max_grad_norm > 0:
             raise ValueError(f"{type(optimizer).__name__} differentiates through the gradients "
@@ -689,6 +727,42 @@ class OptimPluginsTrainerMixin:
     def _op_mode(self, mode: str) -> None:
         if self._op_caps.train_eval and self.optimizer is not None:
             getattr(_unwrap(self.optimizer), mode)()
+
+    # ------------------------------------------------------------------ sharded optimizer state
+    def _op_sharded(self) -> Any:
+        if self.is_deepspeed_enabled or self.is_fsdp_enabled:
+            return None
+        return _sharded(self.optimizer)
+
+    def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
+        super()._save_optimizer_and_scheduler(output_dir)  # main process: optimizer.pt (rank 0's shard), scheduler
+        sharded = self._op_sharded()
+        if sharded is None:
+            return
+        from transformers.trainer import OPTIMIZER_NAME
+
+        from ..distributed import save_sharded, shard_file_name
+
+        saved = os.path.join(output_dir, OPTIMIZER_NAME)
+        if self.args.should_save and sharded.rank == 0 and os.path.isfile(saved):
+            try:  # rank 0's shard is what optimizer.pt holds: link it rather than write it twice
+                os.link(saved, os.path.join(output_dir, shard_file_name(0, sharded.world_size)))
+                return
+            except OSError:
+                pass
+        save_sharded(sharded, output_dir)  # every rank, no communication
+
+    def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
+        sharded = self._op_sharded()
+        if checkpoint is None or sharded is None or not glob.glob(os.path.join(checkpoint, "optimizer.rank*-of-*.pt")):
+            # no shard files (a checkpoint of an unsharded run): its optimizer.pt loads and reshards
+            return super()._load_optimizer_and_scheduler(checkpoint)
+        from transformers.trainer import SCHEDULER_NAME
+
+        sharded.load_state_dict(checkpoint)  # the directory: a complete set of shards, or ValueError
+        scheduler = os.path.join(checkpoint, SCHEDULER_NAME)
+        if os.path.isfile(scheduler):
+            self.lr_scheduler.load_state_dict(torch.load(scheduler, weights_only=True))
 
     def _save_checkpoint(self, model: Any, trial: Any) -> None:
         self._op_mode("eval")

@@ -380,6 +380,7 @@ def configure_optimizers(
     optimizer_options: Mapping[str, Any] | None = None,
     scheduler_options: Mapping[str, Any] | None = None,
     check: bool = True,
+    shard_optimizer_state: bool = False,
     **options: Any,
 ) -> dict[str, Any]:
     """What ``LightningModule.configure_optimizers`` returns, built by name, config, hparams or callable.
@@ -401,6 +402,10 @@ def configure_optimizers(
         optimizer_options, scheduler_options: options for one side; ``**options`` are routed by
             name (an option of the schedule goes to it, the rest to the optimizer).
         check: run :func:`check_trainer` now, when a trainer is attached.
+        shard_optimizer_state: ZeRO-1 under ``strategy="ddp"``: wrap the optimizer in
+            :class:`optim_plugins.distributed.ShardedOptimizer`. Lightning's checkpointing calls its
+            ``consolidate_state_dict()`` on every rank and saves the full state from rank 0 (as for
+            torch's ``ZeroRedundancyOptimizer``); loading reshards, also into another world size.
     """
     hparams = _from_hparams(module)
     opt_options, sched_options = _split_options(options, optimizer if optimizer is not None else
@@ -414,6 +419,10 @@ def configure_optimizers(
     if check and trainer is not None:
         check_trainer(trainer, [opt])
     _ensure_callbacks(trainer, opt)
+    if shard_optimizer_state:
+        from ..distributed import ShardedOptimizer
+
+        opt = opt if isinstance(opt, ShardedOptimizer) else ShardedOptimizer.wrap(opt)
     sched = _build_scheduler(module, opt, scheduler, num_training_steps, num_warmup_steps, sched_options, hparams)
     if sched is None:
         return {"optimizer": opt}

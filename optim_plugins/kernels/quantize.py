@@ -1,5 +1,6 @@
-"""Dynamic block-wise 8-bit quantisation (Dettmers et al., "8-bit Optimizers via Block-wise
-Quantization", 2022), the format of bitsandbytes' 8-bit optimizers.
+"""Block-wise quantisation of optimizer states: 8-bit (Dettmers et al., "8-bit Optimizers via
+Block-wise Quantization", 2022, the format of bitsandbytes' 8-bit optimizers) and 4-bit (Li et
+al., "Memory Efficient Optimizers with 4-bit States", NeurIPS 2023, the choices of its code lpmm).
 
 A tensor is cut into blocks of ``BLOCK_SIZE`` consecutive elements (the last block may be
 short); each block is divided by its absolute maximum (``absmax``, kept in fp32) and every
@@ -11,7 +12,16 @@ ones (Adam's second moment).
 
 Same map as ``bitsandbytes.functional.create_dynamic_map`` and the block size 256 that
 bitsandbytes 0.50 uses for its 8-bit optimizers on CPU; the tests compare both.
-Functions take tensors only (no optimizer objects).
+
+4-bit (two codes per byte, the even element in the high nibble as torchao packs them): the
+first moment uses the 16-entry dynamic-exponent map (``dynamic_map(True, max_exponent_bits=3,
+total_bits=4)``, lpmm's "nonlinear" map) with an absmax per block of 128; the second moment the
+linear map without zero (``linear_map()``: 1/16 ... 16/16, lpmm's "power-1") with rank-1
+normalisation: element (i, j) is scaled by min(max of row i, max of column j) (and, for n-D
+tensors, the minimum over the maxima of every dimension); 1-D tensors fall back to blocks of 128.
+
+Every value becomes the index of the nearest code (ties to the lower code), found exactly and
+fast by :func:`_code_index`. Functions take tensors only (no optimizer objects).
 """
 from __future__ import annotations
 
@@ -21,6 +31,7 @@ import torch
 from torch import Tensor
 
 BLOCK_SIZE = 256
+BLOCK_SIZE_4BIT = 128
 
 
 @functools.lru_cache(maxsize=None)
@@ -53,10 +64,57 @@ def dynamic_map(signed: bool = True, device: torch.device | str | None = None, *
     return code if device is None else code.to(device)
 
 
+def linear_map(bits: int = 4, device: torch.device | str | None = None) -> Tensor:
+    """The linear unsigned map without zero: ``k / 2**bits`` for k = 1 ... 2**bits (lpmm's "power-1")."""
+    code = torch.linspace(0, 1, 2**bits + 1, dtype=torch.float32)[1:]
+    return code if device is None else code.to(device)
+
+
 @functools.lru_cache(maxsize=None)
 def _midpoints(signed: bool, device: torch.device) -> tuple[Tensor, Tensor]:
     code = dynamic_map(signed, device)
     return code, (code[1:] + code[:-1]) / 2
+
+
+# ----------------------------------------------------------------------------- nearest code, exactly
+
+
+@functools.lru_cache(maxsize=None)
+def _search(kind: str, device: torch.device) -> tuple[Tensor, Tensor, Tensor, int]:
+    """``(code, midpoints + [inf], table, steps)`` of the map ``kind`` for :func:`_code_index`.
+
+    ``table[h]`` is the number of midpoints below every float32 whose upper 16 bits are ``h``
+    (one bf16-wide interval of values); ``steps`` is the most midpoints any such interval holds.
+    """
+    code = {"dynamic_signed": lambda: dynamic_map(True), "dynamic_unsigned": lambda: dynamic_map(False),
+            "dynamic4_signed": lambda: dynamic_map(True, max_exponent_bits=3, total_bits=4),
+            "linear4": lambda: linear_map(4)}[kind]()
+    midpoints = (code[1:] + code[:-1]) / 2
+    high = torch.arange(-(2**15), 2**15, dtype=torch.int32) << 16  # upper 16 bits, lower ones 0 ...
+    ends = (high.view(torch.float32), (high | 0xFFFF).view(torch.float32))  # ... and 0xFFFF
+    low = torch.where(torch.isnan(ends[1]), ends[0], torch.minimum(*ends))  # -inf: its own bucket start
+    top = torch.where(torch.isnan(ends[1]), ends[0], torch.maximum(*ends))
+    table = torch.bucketize(low, midpoints).to(torch.int32)  # NaN -> len(midpoints), as bucketize
+    steps = int((torch.bucketize(top, midpoints, right=True) - table)[~torch.isnan(low)].max())
+    padded = torch.cat([midpoints, midpoints.new_tensor([float("inf")])])
+    return code.to(device), padded.to(device), table.to(device), steps
+
+
+def _code_index(x: Tensor, kind: str) -> Tensor:
+    """Index of the nearest code of map ``kind`` for each value of float32 ``x`` (int32, x's shape).
+
+    Bitwise the same as ``torch.bucketize(x, midpoints)`` (ties go to the lower code, NaN to the
+    last), but without a binary search per element: the upper 16 bits of a value look up how
+    many midpoints lie below its bf16-wide interval, and ``steps`` (1 for these maps) compares
+    with the midpoints inside it. (Negative signalling NaNs 0xFF800001-0xFF80FFFF, which no
+    arithmetic produces, would get index 0 instead of the last.)
+    """
+    _, midpoints, table, steps = _search(kind, x.device)
+    x = x.contiguous()
+    index = torch.index_select(table, 0, ((x.view(torch.int32) >> 16) + 2**15).view(-1)).view(x.shape)
+    for _ in range(steps):
+        index += torch.index_select(midpoints, 0, index.view(-1)).view(x.shape) < x
+    return index
 
 
 def num_blocks(numel: int, block_size: int = BLOCK_SIZE) -> int:
@@ -83,13 +141,12 @@ def quantize_blockwise_(x: Tensor, codes: Tensor, absmax: Tensor, signed: bool,
     floors small magnitudes too, coarser: at 1.6e-5 of absmax unsigned, 2.1e-5 signed.)
     Non-finite values make their block non-finite, as a NaN state propagates in fp32.
     """
-    code, midpoints = _midpoints(bool(signed), x.device)
     blocks = _blocks(x.float(), block_size)
     torch.amax(blocks.abs(), dim=1, out=absmax)
     scaled = blocks / absmax.clamp_min(torch.finfo(torch.float32).tiny).unsqueeze(1)
-    index = torch.bucketize(scaled, midpoints).clamp_(max=code.numel() - 1)
+    index = _code_index(scaled, "dynamic_signed" if signed else "dynamic_unsigned").clamp_(max=255)
     if not signed:  # a positive second moment never becomes 0: m / (sqrt(0) + eps) would explode
-        index = torch.maximum(index, (scaled > 0).long())
+        index = torch.maximum(index, (scaled > 0).int())
     codes.view(-1).copy_(index.view(-1)[: codes.numel()])
 
 
@@ -110,3 +167,81 @@ def quantize_blockwise(x: Tensor, signed: bool = True, block_size: int = BLOCK_S
     absmax = torch.empty(num_blocks(x.numel(), block_size), dtype=torch.float32, device=x.device)
     quantize_blockwise_(x, codes, absmax, signed, block_size)
     return codes, absmax
+
+
+# ----------------------------------------------------------------------------- 4-bit
+
+
+def pack_4bit(index: Tensor) -> Tensor:
+    """Two 4-bit codes per byte: element 2k in the high nibble, 2k+1 in the low one (odd length: 0-padded)."""
+    flat = index.reshape(-1).to(torch.uint8)
+    if flat.numel() % 2:
+        flat = torch.nn.functional.pad(flat, (0, 1))
+    pairs = flat.view(-1, 2)
+    return (pairs[:, 0] << 4) | pairs[:, 1]
+
+
+def unpack_4bit(packed: Tensor, numel: int) -> Tensor:
+    """The first ``numel`` 4-bit codes of ``packed`` (uint8), as int64 indices."""
+    return torch.stack([packed >> 4, packed & 0xF], dim=1).view(-1)[:numel].long()
+
+
+def num_bytes_4bit(numel: int) -> int:
+    return -(-numel // 2)
+
+
+def _map_4bit(signed: bool) -> str:
+    return "dynamic4_signed" if signed else "linear4"
+
+
+def quantize_4bit_blockwise_(x: Tensor, packed: Tensor, absmax: Tensor, signed: bool,
+                             block_size: int = BLOCK_SIZE_4BIT) -> None:
+    """Store ``x`` into ``packed`` (uint8, ceil(numel/2)) and ``absmax`` (fp32, one per block), in place.
+
+    ``signed=True``: the dynamic-exponent map (first moment); False: the linear map without
+    zero (second moment), so a value below 1/32 of its block's absmax becomes 1/16 of it.
+    """
+    blocks = _blocks(x.float(), block_size)
+    torch.amax(blocks.abs(), dim=1, out=absmax)
+    scaled = blocks / absmax.clamp_min(torch.finfo(torch.float32).tiny).unsqueeze(1)
+    packed.copy_(pack_4bit(_code_index(scaled, _map_4bit(signed)).view(-1)[: x.numel()]))
+
+
+def dequantize_4bit_blockwise(packed: Tensor, absmax: Tensor, shape: torch.Size, signed: bool,
+                              block_size: int = BLOCK_SIZE_4BIT) -> Tensor:
+    """The fp32 tensor of ``shape`` that ``packed`` and ``absmax`` stand for."""
+    code = _search(_map_4bit(signed), packed.device)[0]
+    numel = torch.Size(shape).numel()
+    values = _blocks(code[unpack_4bit(packed, numel)], block_size).mul_(absmax.unsqueeze(1))
+    return values.view(-1)[:numel].view(shape)
+
+
+def rank1_maxima(x: Tensor) -> Tensor:
+    """The maxima of ``|x|`` over every dimension but one, for each dimension, concatenated
+    (length ``sum(x.shape)``): the statistics of rank-1 normalisation."""
+    magnitude = x.float().abs()
+    dims = range(x.dim())
+    return torch.cat([magnitude.amax(dim=[d for d in dims if d != i]) for i in dims])
+
+
+def rank1_scale(maxima: Tensor, shape: torch.Size) -> Tensor:
+    """The rank-1 scale of every element: the minimum of the maxima of its row, column, ..."""
+    scale = None
+    for i, part in enumerate(maxima.split(list(shape))):
+        view = part.view([-1 if d == i else 1 for d in range(len(shape))])
+        scale = view if scale is None else torch.minimum(scale, view)
+    return scale.expand(shape)
+
+
+def quantize_4bit_rank1_(x: Tensor, packed: Tensor, maxima: Tensor) -> None:
+    """Store non-negative ``x`` (2-D or more) into ``packed`` with the linear map, scaled rank-1;
+    ``maxima`` (fp32, ``sum(x.shape)``) receives :func:`rank1_maxima`. In place."""
+    maxima.copy_(rank1_maxima(x))
+    scaled = x.float() / rank1_scale(maxima, x.shape).clamp_min(torch.finfo(torch.float32).tiny)
+    packed.copy_(pack_4bit(_code_index(scaled, "linear4")))
+
+
+def dequantize_4bit_rank1(packed: Tensor, maxima: Tensor, shape: torch.Size) -> Tensor:
+    """The fp32 tensor of ``shape`` that ``packed`` and the rank-1 ``maxima`` stand for."""
+    code = _search("linear4", packed.device)[0]
+    return code[unpack_4bit(packed, torch.Size(shape).numel())].view(shape) * rank1_scale(maxima, shape)

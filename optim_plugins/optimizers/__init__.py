@@ -9,13 +9,14 @@ from .ademamix import AdEMAMix
 from .adopt import ADOPT
 from .apollo import ApolloAdamW
 from .came import CAME
+from .eva import Eva
 from .fam import FAM
 from .galore import GaLoreAdamW
 from .lamb import Lamb
 from .lars import Lars
 from .lion import Lion
 from .lookahead import Lookahead
-from .lowbit import Adam8bit, AdamW8bit, Lion8bit
+from .lowbit import Adam4bit, Adam8bit, AdamW4bit, AdamW8bit, Lion8bit
 from .maxfactor import MaxFactor
 from .muon import Muon
 from .nadam import NAdam
@@ -40,13 +41,16 @@ __all__ = [
     "Adafactor",
     "Adagrad",
     "Adam",
+    "Adam4bit",
     "Adam8bit",
     "AdamW",
+    "AdamW4bit",
     "AdamW8bit",
     "Adamax",
     "Adan",
     "ApolloAdamW",
     "CAME",
+    "Eva",
     "FAM",
     "GaLoreAdamW",
     "Lamb",

@@ -11,7 +11,9 @@ collecting gradients (``None`` skipped, sparse refused), the per-parameter ``ste
 count, ``maximize``, weight decay in every mode, the non-finite-gradient policy, the
 precision of the parameter write (Kahan / stochastic rounding for bf16), backends
 (``reference``: one tensor at a time; ``foreach``: the same ``update`` run on
-``TensorList`` buckets), state codecs (``state_codecs``: states stored compactly, e.g.
+``TensorList`` buckets; ``compiled``: that update compiled by Inductor, kernels/compiled.py;
+``triton``: the GPU kernels of kernels/triton; ``auto`` picks, see ``Optimizer.backend_for``),
+GradScaler's loss scale inside the step (``_step_supports_amp_scaling``), state codecs (``state_codecs``: states stored compactly, e.g.
 8-bit, decoded around ``update``), and a ``load_state_dict`` that checks before it changes.
 """
 from __future__ import annotations
@@ -22,6 +24,7 @@ from typing import Any, Callable, ClassVar, Iterable, Literal, Mapping
 import torch
 from torch import Tensor
 
+from ..kernels import compiled as compiled_kernels
 from ..kernels.foreach import TensorList
 from ..registry import Capabilities, Option, options_of
 from .codecs import StateCodec
@@ -29,7 +32,11 @@ from .common import WeightDecayMode, apply_weight_decay, check_choice, check_lr
 from .precision import LOW_PRECISION, StoredAs, resolve_compensation, working_copy, write_back
 
 Backend = Literal["auto", "reference", "foreach", "compiled", "triton"]
-AVAILABLE_BACKENDS = ("auto", "reference", "foreach")
+AVAILABLE_BACKENDS = ("auto", "reference", "foreach", "compiled", "triton")
+# backend="auto" on CPU compiles only from this many elements in the optimizer (all groups):
+# below it Inductor's compile time (seconds per bucket) does not pay off within a typical
+# run (benchmarks/scale.md measures both sides). Small models and the tests stay on foreach.
+COMPILE_THRESHOLD = 2**24
 NONFINITE_POLICIES = ("propagate", "skip", "raise")
 STATE_DTYPES = {None: None, "param": None, "fp32": torch.float32, "float32": torch.float32,
                 "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
@@ -51,7 +58,7 @@ def _common_options(
 
     Args:
         maximize: maximize the objective instead of minimizing it (as torch.optim).
-        backend: "auto" (foreach), "reference" (one tensor at a time) or "foreach" (multi-tensor); same numbers from each.
+        backend: "auto" (Triton on CUDA, compiled on CPU from COMPILE_THRESHOLD elements, else foreach), "reference" (one tensor at a time), "foreach" (multi-tensor), "compiled" (Inductor, CPU) or "triton"; same numbers from each (to fp32 rounding).
         foreach: torch.optim's switch: True means backend "foreach", False means "reference".
         nonfinite: NaN/Inf gradients: "propagate" (torch's behaviour, no host sync), "skip" the whole step, or "raise".
         compensation: for bf16/fp16 parameters: "kahan" buffer, "stochastic" rounding, None (torch's behaviour); "auto" = Kahan for bf16/fp16, nothing for fp32.
@@ -77,6 +84,34 @@ def _real(t: Tensor) -> Tensor:
     return torch.view_as_real(t) if t.is_complex() else t
 
 
+def _unavailable(backend: str) -> str | None:
+    """Why ``backend`` cannot run in this process (None: it can)."""
+    if backend == "compiled":
+        return compiled_kernels.unavailable_reason()
+    if backend == "triton":
+        try:
+            from ..kernels import triton as triton_kernels
+        except ImportError as exc:  # pragma: no cover - the module ships with the package
+            return f"its kernels do not import ({exc})"
+        return triton_kernels.unavailable_reason()
+    return None
+
+
+def _triton_refusal(optimizer: Any, group: Mapping[str, Any], params: list[Tensor]) -> str | None:
+    reason = _unavailable("triton")
+    if reason is not None:
+        return f"triton: {reason}"
+    from ..kernels import triton as triton_kernels
+
+    for device in {p.device for p in params}:
+        reason = triton_kernels.unavailable_reason(device)
+        if reason is not None:
+            return f"triton: {reason}"
+    if not triton_kernels.supports(optimizer, group):
+        return f"triton: no kernel covers {type(optimizer).__name__} with these options and parameters"
+    return None
+
+
 def _decoded(state: Mapping[str, Any], codecs: Mapping[str, StateCodec], dtype: torch.dtype) -> dict[str, Any]:
     """The state ``update`` sees: machinery entries left out, coded states decoded to ``dtype``."""
     hidden = {*MACHINERY_STATE, *(key for name, codec in codecs.items() for key in codec.keys(name)[1:])}
@@ -84,9 +119,21 @@ def _decoded(state: Mapping[str, Any], codecs: Mapping[str, StateCodec], dtype: 
 
 
 class Optimizer(torch.optim.Optimizer):
-    """Base class: a ``torch.optim.Optimizer`` whose subclasses write only their math."""
+    """Base class: a ``torch.optim.Optimizer`` whose subclasses write only their math.
+
+    With ``_step_supports_amp_scaling`` on (``fused_adamw``, and any optimizer with an explicit
+    ``backend="compiled"`` or ``"triton"``, as torch turns it on only for ``fused=True``),
+    ``torch.amp.GradScaler.step`` hands this optimizer the loss scale (``grad_scale``) and
+    the overflow flag (``found_inf``) instead of unscaling the gradients itself: a nonzero
+    ``found_inf`` skips the step (no state changes, ``step`` not counted; one host read of
+    the flag), and elementwise updates multiply g by ``1 / grad_scale`` inside the update
+    (fused in the compiled and Triton backends); other optimizers unscale the gradients in
+    place first, as ``GradScaler.unscale_`` would. It is off otherwise because trainers refuse
+    gradient clipping for optimizers that unscale inside the step (Lightning's precision plugins).
+    """
 
     capabilities: ClassVar[Capabilities] = Capabilities(elementwise=True, shardable="elements")
+    _step_supports_amp_scaling: ClassVar[bool] = False
     common_options: ClassVar[dict[str, Option]] = COMMON_OPTIONS
 
     def __init__(self, params: Iterable[Tensor] | Iterable[dict], defaults: dict[str, Any], **common: Any):
@@ -97,6 +144,8 @@ class Optimizer(torch.optim.Optimizer):
         options.update(common)
         self.skipped_steps = 0
         super().__init__(params, {**defaults, **options})
+        if any(group["backend"] in ("compiled", "triton") for group in self.param_groups):
+            self._step_supports_amp_scaling = True  # the fused step unscales and skips itself
 
     # -------------------------------------------------------------- what subclasses write
 
@@ -161,11 +210,9 @@ class Optimizer(torch.optim.Optimizer):
 
     def _check_group(self, options: Mapping[str, Any]) -> None:
         check_choice("backend", options["backend"], Backend.__args__)
-        if options["backend"] not in AVAILABLE_BACKENDS:
-            raise ValueError(
-                f"invalid backend: {options['backend']!r} is not available in this version "
-                f"(available: {', '.join(AVAILABLE_BACKENDS)})"
-            )
+        reason = _unavailable(options["backend"])
+        if reason is not None:
+            raise ValueError(f"invalid backend: {options['backend']!r} is not available here ({options['backend']}: {reason})")
         foreach = options["foreach"]
         if foreach is not None and options["backend"] not in ("auto", "foreach" if foreach else "reference"):
             raise ValueError(f"invalid foreach: {foreach!r} contradicts backend={options['backend']!r}")
@@ -200,13 +247,40 @@ class Optimizer(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        found_inf = getattr(self, "found_inf", None)  # set by torch.amp.GradScaler.step
+        if found_inf is not None and bool(found_inf.item()):
+            return loss
         work = [(group, *self._params_with_grad(group)) for group in self.param_groups]
+        inv_scale = self._inverse_scale(work)
         if self._skip_for_nonfinite(work) or not self.prepare_step(work):
             return loss
-        for group, params, grads in work:
-            if params:
-                self.step_group(group, params, grads)
+        self.__dict__["_inv_scale"] = inv_scale
+        try:
+            for group, params, grads in work:
+                if params:
+                    self.step_group(group, params, grads)
+        finally:
+            self.__dict__.pop("_inv_scale", None)
         return loss
+
+    def _inverse_scale(self, work: list) -> float | None:
+        """GradScaler's ``1 / grad_scale`` for the update to apply, or None.
+
+        Where the update cannot take it (whole-tensor math, a ``prepare_step`` that reads the
+        gradients, telemetry recording this step), the gradients are unscaled in place here.
+        """
+        scale = getattr(self, "grad_scale", None)
+        if scale is None:
+            return None
+        inv = 1.0 / float(scale)
+        fused = (self.capabilities.elementwise and type(self).prepare_step is Optimizer.prepare_step
+                 and type(self).step_group is Optimizer.step_group and "_telemetry" not in self.__dict__)
+        if fused:
+            return inv
+        grads = [g for _, _, gs in work for g in gs]
+        if grads:
+            torch._foreach_mul_(grads, inv)
+        return None
 
     def prepare_step(self, work: list[tuple[dict[str, Any], list[Tensor], list[Tensor]]]) -> bool:
         """A pass over every ``(group, params, grads)`` before the per-parameter updates.
@@ -252,10 +326,11 @@ class Optimizer(torch.optim.Optimizer):
 
     def step_group(self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor]) -> None:
         """Update ``params`` of ``group`` from ``grads``: any subset of the group may be stepped."""
+        backend = self.backend_for(group, params)
         states = [self._state_of(p, group) for p in params]
         for state in states:
             state["step"] += 1
-        per_tensor = self._backend(group) == "reference" or not self.capabilities.elementwise
+        per_tensor = backend == "reference" or not self.capabilities.elementwise
         if per_tensor:  # whole-tensor math (norms, factored moments, matmuls) runs one tensor at a time
             buckets: Iterable[list[int]] = ([i] for i in range(len(params)))
         else:
@@ -266,16 +341,49 @@ class Optimizer(torch.optim.Optimizer):
             buckets = keyed.values()
         probe = self.__dict__.get("_telemetry")  # op.telemetry: set only on its recording steps
         before = probe.before(self, group, params, grads, states) if probe is not None else None
+        inv_scale = self.__dict__.get("_inv_scale")
         for index in buckets:
-            self._apply(group, [params[i] for i in index], [grads[i] for i in index], [states[i] for i in index], per_tensor)
+            bucket = [params[i] for i in index], [grads[i] for i in index], [states[i] for i in index]
+            if backend == "triton":
+                from ..kernels import triton as triton_kernels
+
+                scale = None if inv_scale is None else torch.tensor(inv_scale, device=bucket[0][0].device)
+                triton_kernels.step(self, group, *bucket, grad_scale=scale)
+            else:
+                self._apply(group, *bucket, per_tensor, backend == "compiled", inv_scale)
         if before is not None:
             probe.after(self, group, params, states, before)
 
     def _backend(self, group: Mapping[str, Any]) -> str:
+        return self.backend_for(group, [p for p in group["params"] if p.grad is not None])
+
+    def backend_for(self, group: Mapping[str, Any], params: list[Tensor]) -> str:
+        """The backend that steps ``params`` of ``group``.
+
+        ``auto``: ``triton`` for CUDA tensors when its kernels cover the optimizer and options;
+        on CPU ``compiled`` for elementwise optimizers of at least ``COMPILE_THRESHOLD``
+        elements when a C++ compiler is found; else ``foreach`` (``reference`` when
+        ``foreach=False``). An explicit ``triton`` that cannot run raises ``ValueError``.
+        """
         backend = group["backend"]
-        if backend == "auto":
-            return "reference" if group["foreach"] is False else "foreach"
-        return backend
+        if backend == "triton":
+            reason = _triton_refusal(self, group, params)
+            if reason is not None:
+                raise ValueError(f"invalid backend: 'triton' cannot step this group ({reason})")
+            return backend
+        if backend != "auto":
+            return backend
+        if group["foreach"] is not None:
+            return "foreach" if group["foreach"] else "reference"
+        if not self.capabilities.elementwise:
+            return "reference"
+        if params and params[0].device.type == "cuda" and _triton_refusal(self, group, params) is None:
+            return "triton"
+        if params and all(p.device.type == "cpu" for p in params) and _unavailable("compiled") is None:
+            total = sum(p.numel() for g in self.param_groups for p in g["params"])
+            if total >= COMPILE_THRESHOLD:
+                return "compiled"
+        return "foreach"
 
     def _state_of(self, p: Tensor, group: Mapping[str, Any]) -> dict[str, Any]:
         state = self.state[p]
@@ -294,7 +402,7 @@ class Optimizer(torch.optim.Optimizer):
         return state
 
     def _apply(self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor], states: list[dict],
-               per_tensor: bool) -> None:
+               per_tensor: bool, compile: bool = False, inv_scale: float | None = None) -> None:
         step = states[0]["step"].item()
         dtype = params[0].dtype
         mode = resolve_compensation(group["compensation"], dtype)
@@ -316,11 +424,18 @@ class Optimizer(torch.optim.Optimizer):
                 if torch.is_tensor(views[0][k]) else views[0][k]
                 for k in names
             }
-        if group["maximize"]:
-            g = -g
-        lr = group.get("lr", 0.0)
-        g = apply_weight_decay(p, g, self.weight_decay_mode(group), group.get("weight_decay", 0.0), lr)
-        self.update(p, g, state, group, step)
+        factor = (-1.0 if group["maximize"] else 1.0) * (1.0 if inv_scale is None else inv_scale)
+
+        def prologue(p, g):  # maximize, loss scale, weight decay: before the algorithm's update
+            g = g if factor == 1.0 else -g if factor == -1.0 else g.mul(factor)
+            return apply_weight_decay(p, g, self.weight_decay_mode(group), group.get("weight_decay", 0.0),
+                                      group.get("lr", 0.0))
+
+        arrays = {k: v.tensors for k, v in state.items() if isinstance(v, TensorList) and _is_array(views[0][k])}
+        if not (compile and not per_tensor and compiled_kernels.run(
+                lambda p_, g_, s_: self.update(p_, g_, s_, group, step), p.tensors, g.tensors, arrays,
+                {k: v for k, v in state.items() if k not in arrays}, prologue)):
+            self.update(p, prologue(p, g), state, group, step)
         for view, stored, coded in zip(views, states, codecs):
             for name, codec in coded.items():
                 codec.encode(name, view[name], stored)

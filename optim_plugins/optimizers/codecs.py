@@ -15,7 +15,18 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ..kernels.quantize import BLOCK_SIZE, dequantize_blockwise, num_blocks, quantize_blockwise_
+from ..kernels.quantize import (
+    BLOCK_SIZE,
+    BLOCK_SIZE_4BIT,
+    dequantize_4bit_blockwise,
+    dequantize_4bit_rank1,
+    dequantize_blockwise,
+    num_blocks,
+    num_bytes_4bit,
+    quantize_4bit_blockwise_,
+    quantize_4bit_rank1_,
+    quantize_blockwise_,
+)
 
 
 class StateCodec:
@@ -68,3 +79,70 @@ class Blockwise8bit(StateCodec):
 
     def encode(self, name: str, value: Tensor, state: dict[str, Tensor]) -> None:
         quantize_blockwise_(value, state[name], state[f"{name}_absmax"], self.signed, self.block_size)
+
+
+class Blockwise4bit(StateCodec):
+    """Block-wise 4-bit state of a tensor of ``shape`` (Li et al., 2023): two codes per byte
+    (uint8, ``ceil(numel / 2)``) plus an fp32 absmax per block of 128 elements, stored as
+    ``name`` and ``name_absmax``; about 0.53 bytes per element.
+
+    ``signed=True``: the dynamic-exponent map (the first moment, lpmm's B128/DE); ``signed=False``:
+    the linear map without zero (second moments of 1-D tensors; all of them in torchao's format).
+    """
+
+    def __init__(self, shape: torch.Size | tuple[int, ...], signed: bool, block_size: int = BLOCK_SIZE_4BIT):
+        self.shape, self.signed, self.block_size = torch.Size(shape), signed, block_size
+
+    def __repr__(self) -> str:
+        return f"Blockwise4bit(shape={tuple(self.shape)}, signed={self.signed}, block_size={self.block_size})"
+
+    def keys(self, name: str) -> tuple[str, ...]:
+        return (name, f"{name}_absmax")
+
+    def init(self, name: str, value: Tensor) -> dict[str, Tensor]:
+        packed = torch.empty(num_bytes_4bit(value.numel()), dtype=torch.uint8, device=value.device)
+        absmax = torch.empty(num_blocks(value.numel(), self.block_size), dtype=torch.float32, device=value.device)
+        state = {name: packed, f"{name}_absmax": absmax}
+        if value.device.type != "meta":
+            self.encode(name, value, state)
+        return state
+
+    def decode(self, name: str, state: dict[str, Tensor], dtype: torch.dtype) -> Tensor:
+        value = dequantize_4bit_blockwise(state[name], state[f"{name}_absmax"], self.shape, self.signed, self.block_size)
+        return value.to(dtype)
+
+    def encode(self, name: str, value: Tensor, state: dict[str, Tensor]) -> None:
+        quantize_4bit_blockwise_(value, state[name], state[f"{name}_absmax"], self.signed, self.block_size)
+
+
+class Rank1Linear4bit(StateCodec):
+    """Rank-1 normalised 4-bit state of a non-negative tensor of ``shape`` (2-D or more; Li et
+    al., 2023, the second moment's Rank-1/Linear): the linear map without zero, element (i, j)
+    scaled by min(max of row i, max of column j). Stored as ``name`` (two codes per byte) and
+    ``name_rank1`` (fp32 maxima of every dimension, ``sum(shape)``): about 0.5 bytes per element.
+    """
+
+    def __init__(self, shape: torch.Size | tuple[int, ...]):
+        if len(shape) < 2:
+            raise ValueError(f"Rank1Linear4bit needs a tensor of 2 or more dimensions, got shape {tuple(shape)}")
+        self.shape = torch.Size(shape)
+
+    def __repr__(self) -> str:
+        return f"Rank1Linear4bit(shape={tuple(self.shape)})"
+
+    def keys(self, name: str) -> tuple[str, ...]:
+        return (name, f"{name}_rank1")
+
+    def init(self, name: str, value: Tensor) -> dict[str, Tensor]:
+        packed = torch.empty(num_bytes_4bit(value.numel()), dtype=torch.uint8, device=value.device)
+        maxima = torch.empty(sum(value.shape), dtype=torch.float32, device=value.device)
+        state = {name: packed, f"{name}_rank1": maxima}
+        if value.device.type != "meta":
+            self.encode(name, value, state)
+        return state
+
+    def decode(self, name: str, state: dict[str, Tensor], dtype: torch.dtype) -> Tensor:
+        return dequantize_4bit_rank1(state[name], state[f"{name}_rank1"], self.shape).to(dtype)
+
+    def encode(self, name: str, value: Tensor, state: dict[str, Tensor]) -> None:
+        quantize_4bit_rank1_(value, state[name], state[f"{name}_rank1"])

@@ -1,0 +1,127 @@
+"""Step time vs parameter count and vs number of tensors (``optim-plugins bench --suite scale``).
+
+Sizes 1M, 4M, 16M, 64M, 200M (capped by ``--params``) of transformer-like tensors, and the
+launch-bound regime: 1000 tensors of 1024 elements. At each point AdamW is timed as torch's
+fused and foreach implementations and ours (foreach, compiled, fused_adamw), interleaved
+one step each per round. Writes the table (``benchmarks/scale.md``) and a PNG beside it.
+The compiled backend's first step (compile) is listed too: it is what ``backend="auto"``
+weighs against the per-step saving (``COMPILE_THRESHOLD`` in optimizers/base.py).
+"""
+from __future__ import annotations
+
+import argparse
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from .speed import make_params
+
+SIZES = (1_000_000, 4_000_000, 16_000_000, 64_000_000, 200_000_000)
+MANY_TENSORS = (1000, 1024)  # count, elements each
+
+
+def _variants():
+    import optim_plugins as op
+
+    return {
+        "torch AdamW fused=True": lambda ps: torch.optim.AdamW(ps, lr=1e-3, fused=True),
+        "torch AdamW foreach=True": lambda ps: torch.optim.AdamW(ps, lr=1e-3, foreach=True),
+        "ours adamw foreach": lambda ps: op.create_optimizer("adamw", ps, lr=1e-3, backend="foreach"),
+        "ours adamw compiled": lambda ps: op.create_optimizer("adamw", ps, lr=1e-3, backend="compiled"),
+        "ours fused_adamw": lambda ps: op.create_optimizer("fused_adamw", ps, lr=1e-3),
+    }
+
+
+def measure(params: list, repeats: int, warmup: int = 1) -> tuple[dict[str, float], float]:
+    """Median ms per step of each variant (interleaved) and the compiled variant's first step in s."""
+    built, first = {}, 0.0
+    for name, make in _variants().items():
+        optimizer = make(params)
+        start = time.perf_counter()
+        optimizer.step()
+        if "compiled" in name:
+            first = time.perf_counter() - start
+        for _ in range(warmup):
+            optimizer.step()
+        built[name] = optimizer
+    times: dict[str, list[float]] = {name: [] for name in built}
+    for _ in range(repeats):
+        for name, optimizer in built.items():
+            start = time.perf_counter()
+            optimizer.step()
+            times[name].append(1e3 * (time.perf_counter() - start))
+    return {name: statistics.median(t) for name, t in times.items()}, first
+
+
+def run(cap: float, repeats: int) -> list[tuple[str, int, int, dict[str, float], float]]:
+    points = []
+    for size in (s for s in SIZES if s <= cap):
+        params = make_params(size)
+        ms, first = measure(params, repeats)
+        points.append(("params", sum(p.numel() for p in params), len(params), ms, first))
+        del params
+    count, each = MANY_TENSORS
+    generator = torch.Generator().manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(each, generator=generator)) for _ in range(count)]
+    for p in params:
+        p.grad = torch.randn(each, generator=generator) * 1e-3
+    ms, first = measure(params, repeats)
+    points.append(("tensors", count * each, count, ms, first))
+    return points
+
+
+def plot(points, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    sized = [p for p in points if p[0] == "params"]
+    many = [p for p in points if p[0] == "tensors"]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for name in _variants():
+        if sized:
+            left.plot([p[1] / 1e6 for p in sized], [p[3][name] for p in sized], marker="o", label=name)
+    left.set(xscale="log", yscale="log", xlabel="parameters (millions)", ylabel="ms / step",
+             title="AdamW step time vs parameter count (CPU)")
+    left.grid(True, which="both", alpha=0.3)
+    left.legend(fontsize=8)
+    if many:
+        names = list(_variants())
+        right.barh(names, [many[0][3][n] for n in names])
+        right.set(xlabel="ms / step", title=f"{many[0][2]} tensors x {many[0][1] // many[0][2]} elements")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def markdown(points, command: str, png: str) -> str:
+    names = list(_variants())
+    lines = [
+        "# Step time vs scale (AdamW, CPU)",
+        "",
+        f"Command: `{command}`  ",
+        f"Machine: {platform.machine()}, {torch.get_num_threads()} torch threads, torch {torch.__version__}, CPU only  ",
+        "Median ms per step, variants interleaved one step each per round; ratio to torch fused AdamW in brackets. "
+        f"Plot: `{png}`.",
+        "",
+        "| regime | parameters | tensors | " + " | ".join(names) + " | compiled first step s |",
+        "|---|---:|---:|" + "---:|" * len(names) + "---:|",
+    ]
+    for kind, numel, count, ms, first in points:
+        base = ms[names[0]]
+        cells = " | ".join(f"{ms[n]:.2f} ({ms[n] / base:.2f}x)" for n in names)
+        lines.append(f"| {kind} | {numel:,} | {count} | {cells} | {first:.1f} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(args: argparse.Namespace, command: str) -> str:
+    points = run(float(args.params), args.repeats)
+    output = Path(args.output) if args.output else Path("benchmarks/scale.md")
+    png = output.with_suffix(".png")
+    png.parent.mkdir(parents=True, exist_ok=True)
+    plot(points, png)
+    return markdown(points, command, png.name)

@@ -1,0 +1,138 @@
+"""Step-time overhead of ``op.telemetry``: ``optim-plugins bench --suite telemetry``.
+
+Per optimizer (``NAME`` or ``NAME@BACKEND``; the table names the backend the step really
+used: ``auto`` compiles elementwise optimizers on CPU from ``COMPILE_THRESHOLD`` elements), one
+optimizer per variant over the same tensors (:func:`.speed.make_params`): telemetry off, and
+recording every step with ``by="group"`` and ``by="param"``. The steps are
+interleaved (one step of each variant per round, the order rotated each round), so that load
+from other processes hits every variant alike; the overhead is the median of the per-round
+ratios to "off". Two reference passes over the parameters (a copy, a norm) are timed in the
+same rounds: a recording step must copy the parameters once to measure the update exactly, so
+the copy is the floor of the every-step overhead on the multi-tensor (foreach) path.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import time
+from typing import Callable
+
+import torch
+
+from .speed import make_params
+
+DEFAULT_OPTIMIZERS = "adamw,adamw@foreach,adafactor,adam8bit"
+DEFAULT_PARAMS = 20_000_000
+VARIANTS: dict[str, dict | None] = {
+    "off": None,
+    "every step, by=group": {"every": 1, "by": "group"},
+    "every step, by=param": {"every": 1, "by": "param"},
+}
+
+
+def _timed(step: Callable[[], object]) -> float:
+    start = time.perf_counter()
+    step()
+    return time.perf_counter() - start
+
+
+def measure(names: list[str], total: int, repeats: int = 10, warmup: int = 2) -> tuple[dict, dict, tuple, tuple]:
+    """``({(optimizer, variant): [seconds per round]}, {reference: [seconds]}, (numel, tensors), load averages)``."""
+    import optim_plugins as op
+
+    params = make_params(total)
+    numel = sum(p.numel() for p in params)
+    copies = [torch.empty_like(p) for p in params]
+    steps: dict[tuple[str, str], Callable[[], object]] = {}
+    backends: dict[str, str] = {}
+    recorders = []
+    for label in names:
+        name, _, backend = label.partition("@")
+        for variant, options in VARIANTS.items():
+            # its default options (Adafactor: relative step)
+            optimizer = op.create_optimizer(name, params, **({"backend": backend} if backend else {}))
+            if options is not None:
+                recorders.append(op.telemetry(optimizer, keep=1, **options))
+            steps[(label, variant)] = optimizer.step
+            backend_for = getattr(optimizer, "backend_for", None)
+            group = optimizer.param_groups[0]
+            backends[label] = backend_for(group, group["params"]) if backend_for else "torch"
+    references = {
+        "one copy of the parameters (torch._foreach_copy_)": lambda: torch._foreach_copy_(copies, params),
+        "one norm pass over the parameters (torch._foreach_norm)": lambda: torch._foreach_norm(params),
+    }
+    load_before = os.getloadavg()
+    for step in steps.values():
+        for _ in range(warmup):
+            step()
+    times: dict[tuple[str, str], list[float]] = {key: [] for key in steps}
+    ref_times: dict[str, list[float]] = {key: [] for key in references}
+    for r in range(repeats):
+        for name in names:
+            order = list(VARIANTS)
+            order = order[r % len(order):] + order[: r % len(order)]
+            for variant in order:
+                times[(name, variant)].append(_timed(steps[(name, variant)]))
+        for key, fn in references.items():
+            ref_times[key].append(_timed(fn))
+    for recorder in recorders:
+        assert recorder.history, "telemetry recorded nothing"
+        recorder.remove()
+    return times, ref_times, (numel, len(params), backends), (load_before, os.getloadavg())
+
+
+def markdown(names: list[str], times: dict, ref_times: dict, size: tuple, loads: tuple, command: str) -> str:
+    median = statistics.median
+    numel, tensors, backends = size
+    lines = [
+        "# Telemetry overhead",
+        "",
+        f"Command: `{command}`  ",
+        f"Machine: {platform.machine()}, {os.cpu_count()} CPUs, {torch.get_num_threads()} torch threads, "
+        f"torch {torch.__version__}, CPU only; load average {loads[0][0]:.1f} before, {loads[1][0]:.1f} after "
+        "(other processes were running: read the ratios, measured side by side in one run, not the times)  ",
+        f"Parameters: {numel:,} fp32 in {tensors} transformer-like tensors; "
+        f"{len(next(iter(times.values())))} interleaved rounds, medians.",
+        "",
+        "| optimizer | backend used | telemetry | ms / step | x off (median of per-round ratios) | overhead |",
+        "|---|---|---|---:|---:|---:|",
+    ]
+    for name in names:
+        off = times[(name, "off")]
+        for variant in VARIANTS:
+            t = times[(name, variant)]
+            ratio = median(a / b for a, b in zip(t, off))
+            overhead = "-" if variant == "off" else f"{100 * (ratio - 1):+.1f}%"
+            lines.append(f"| {name.partition('@')[0]} | {backends[name]} | {variant} | {1e3 * median(t):.1f} | "
+                         f"{ratio:.3f} | {overhead} |")
+    lines += ["", "Reference passes, timed in the same rounds (share of each optimizer's step with telemetry off):", "",
+              "| pass | ms | " + " | ".join(f"% of {name.partition('@')[0]} ({backends[name]}) step" for name in names) + " |",
+              "|---|---:|" + "---:|" * len(names)]
+    for key, t in ref_times.items():
+        shares = " | ".join(f"{100 * median(t) / median(times[(name, 'off')]):.1f}%" for name in names)
+        lines.append(f"| {key} | {1e3 * median(t):.1f} | {shares} |")
+    lines += [
+        "",
+        "A recording step copies the parameters (the update is new minus old), then takes the gradient, weight",
+        "and update norms as `torch._foreach_norm` reductions (the update in place in the copy) and one sum of",
+        "the second moment per tensor, all kept as tensors and read with one host sync per record: two eager",
+        "write passes (the copy, the difference) and four read passes. Next to a foreach step, itself many eager",
+        "passes, that is about 40%; next to the compiled step (`backend=\"auto\"` on CPU from 2**24 elements: one",
+        "fused loop that reads and writes each tensor once) the eager passes cost several steps, the copy alone",
+        "more than the step. An exact update norm needs the old values, so outside the step's own kernel it",
+        "cannot cost less than the copy; the 5% goal needs the sums taken inside the compiled/Triton kernel,",
+        "where old p, new p, g and v are in registers (one fused reduction, no extra memory traffic; not done).",
+        "Until then record every N steps: the overhead divides by N (the trainer callbacks default to the",
+        "logging interval: 500 steps in the HF Trainer, 50 in Lightning).",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def main(args: argparse.Namespace, command: str) -> str:
+    names = (getattr(args, "optimizers", None) or DEFAULT_OPTIMIZERS).split(",")
+    total = int(getattr(args, "params", None) or DEFAULT_PARAMS)
+    repeats = int(getattr(args, "repeats", None) or 10)
+    times, ref_times, size, loads = measure(names, total, repeats)
+    return markdown(names, times, ref_times, size, loads, command)

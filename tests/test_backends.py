@@ -1,0 +1,213 @@
+"""Backends (compiled, triton wiring, auto), GradScaler's loss scale inside the step, fused_adamw.
+
+Independent references: torch.optim (AdamW fused and single-tensor, SGD), GradScaler's
+own unscale-then-step path. Inductor compiles are slow, so the compiled cases are few and
+tiny, and share shapes so that each (program, shapes) compiles once per process.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch._dynamo.utils import counters
+
+import optim_plugins as op
+from optim_plugins.kernels import compiled as compiled_kernels
+from optim_plugins.optimizers import base
+
+SHAPES = [(6, 4), (4,)]
+
+
+def make_params(dtype=torch.float32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.nn.Parameter(torch.randn(s, generator=g).to(dtype)) for s in SHAPES]
+
+
+def set_grads(params, step, inf_at=None, scale=1.0):
+    """Gradients of step ``step`` times the loss scale (a power of two: exact)."""
+    for j, p in enumerate(params):
+        p.grad = torch.sin(p.detach().float() * (step + 1) + j).mul(scale).to(p.dtype)
+    if inf_at is not None and step == inf_at:
+        params[0].grad[0, 0] = float("inf")
+
+
+def scaled_run(opt, params, steps=5, inf_at=2):
+    """GradScaler.step driving ``opt`` with lr changed every step by a scheduler; returns the scales seen."""
+    scaler = torch.amp.GradScaler("cpu", init_scale=256.0, growth_interval=2)
+    schedule = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: 1.0 / (1 + i))
+    scales = []
+    for i in range(steps):
+        set_grads(params, i, inf_at, scale=float(scaler.scale(torch.ones(()))))
+        scaler.step(opt)
+        scaler.update()
+        schedule.step()
+        scales.append(scaler.get_scale())
+    return scales
+
+
+def assert_params_close(ours, theirs, rtol=1e-6, atol=1e-7):
+    for a, b in zip(ours, theirs):
+        torch.testing.assert_close(a.detach().float(), b.detach().float(), rtol=rtol, atol=atol)
+
+
+# ----------------------------------------------------------------------------- loss scaling in every backend
+
+
+@pytest.mark.parametrize("backend", ["reference", "foreach", "compiled"])
+def test_grad_scaler_unscales_and_skips_inside_the_step(backend):
+    """GradScaler + ours == GradScaler + torch.optim.AdamW(fused=True): unscale, inf skip, back-off, lr schedule."""
+    ours, theirs = make_params(), make_params()
+    opt = op.create_optimizer("adamw", ours, lr=0.05, weight_decay=0.1, maximize=True, backend=backend)
+    our_scales = scaled_run(opt, ours)
+    their_scales = scaled_run(torch.optim.AdamW(theirs, lr=0.05, weight_decay=0.1, maximize=True, fused=True), theirs)
+    assert our_scales == their_scales and our_scales[2] == our_scales[1] / 2  # the inf step backed the scale off
+    assert_params_close(ours, theirs)
+    assert all(int(opt.state[p]["step"]) == 4 for p in ours)  # the inf step did not count
+    assert not hasattr(opt, "grad_scale") and not hasattr(opt, "found_inf")  # GradScaler removed them
+    if backend == "compiled":  # a new lr every step (and new step counts): no compile, no recompile
+        graphs, compiles = counters["stats"]["unique_graphs"], compiled_kernels.compile_count
+        scaled_run(opt, ours, steps=3, inf_at=None)
+        assert (counters["stats"]["unique_graphs"], compiled_kernels.compile_count) == (graphs, compiles)
+
+
+def test_grad_scaler_with_whole_tensor_math_unscales_first():
+    """Lamb (trust ratio: not elementwise) under GradScaler.step == Lamb stepped on unscaled grads."""
+    ours, theirs = make_params(), make_params()
+    opt = op.create_optimizer("lamb", ours, lr=0.05)
+    plain = op.create_optimizer("lamb", theirs, lr=0.05)
+    scaler = torch.amp.GradScaler("cpu", init_scale=256.0)
+    for i in range(3):
+        set_grads(ours, i, inf_at=1, scale=float(scaler.scale(torch.ones(()))))
+        set_grads(theirs, i)
+        scaler.step(opt)
+        scaler.update()
+        if i != 1:  # GradScaler skipped the inf step; the plain run skips it too
+            plain.step()
+    assert_params_close(ours, theirs)
+
+
+# ----------------------------------------------------------------------------- compiled == torch / reference
+
+
+def test_compiled_sgd_matches_torch_across_its_first_step_branch():
+    ours, theirs = make_params(), make_params()
+    opt = op.create_optimizer("sgd", ours, lr=0.1, momentum=0.9, nesterov=True, weight_decay=0.01, backend="compiled")
+    ref = torch.optim.SGD(theirs, lr=0.1, momentum=0.9, nesterov=True, weight_decay=0.01, foreach=False)
+    for i in range(4):
+        for params, o in ((ours, opt), (theirs, ref)):
+            set_grads(params, i)
+            o.param_groups[0]["lr"] = 0.1 / (i + 1)
+            o.step()
+    assert_params_close(ours, theirs)
+
+
+def test_compiled_kahan_bf16_matches_reference_backend():
+    """bf16 parameters, Kahan compensation, fp32 states: compiled equals reference to fp32 rounding."""
+    results = {}
+    for backend in ("reference", "compiled"):
+        params = make_params(torch.bfloat16)
+        opt = op.create_optimizer("adamw", params, lr=0.05, weight_decay=0.1, maximize=True, compensation="kahan",
+                                  state_dtype="fp32", backend=backend)
+        scaled_run(opt, params)
+        # the value Kahan tracks: the bf16 parameter plus its stored rounding error
+        results[backend] = [p.float() + opt.state[p]["compensation"].float() for p in params]
+    assert_params_close(results["compiled"], results["reference"], rtol=1e-6, atol=1e-6)
+
+
+def test_compiled_falls_back_where_it_cannot_record():
+    """AdaBelief's AdaNorm takes per-tensor norms: that bucket runs on foreach, same numbers."""
+    results = []
+    for backend in ("foreach", "compiled"):
+        params = make_params()
+        opt = op.create_optimizer("adabelief", params, lr=0.05, adanorm=True, backend=backend)
+        for i in range(2):
+            set_grads(params, i)
+            opt.step()
+        results.append(params)
+    assert_params_close(*results, rtol=0, atol=0)
+
+
+# ----------------------------------------------------------------------------- auto and explicit backends
+
+
+def test_auto_picks_foreach_for_small_models_and_compiled_from_the_threshold(monkeypatch):
+    params = make_params()
+    for p in params:
+        p.grad = torch.zeros_like(p)
+    adamw = op.create_optimizer("adamw", params)
+    assert adamw.backend_for(adamw.param_groups[0], params) == "foreach"
+    assert op.create_optimizer("adamw", params, foreach=False)._backend(adamw.param_groups[0] | {"foreach": False}) == "reference"
+    lamb = op.create_optimizer("lamb", params)
+    assert lamb.backend_for(lamb.param_groups[0], params) == "reference"
+    monkeypatch.setattr(base, "COMPILE_THRESHOLD", sum(p.numel() for p in params))
+    expected = "compiled" if compiled_kernels.unavailable_reason() is None else "foreach"
+    assert adamw.backend_for(adamw.param_groups[0], params) == expected
+    assert lamb.backend_for(lamb.param_groups[0], params) == "reference"  # whole-tensor math stays per tensor
+
+
+def test_unavailable_backend_asked_for_explicitly_is_a_clear_error(monkeypatch):
+    from optim_plugins.kernels import triton as triton_kernels
+
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device is present: the triton backend is available here")
+    monkeypatch.setattr(triton_kernels, "_interpreting", lambda: False)
+    with pytest.raises(ValueError, match=r"backend.*'triton'.*triton: .*CUDA"):
+        op.create_optimizer("adamw", make_params(), backend="triton")
+    monkeypatch.setattr(compiled_kernels.shutil, "which", lambda name: None)
+    with pytest.raises(ValueError, match=r"backend.*'compiled'.*compiled: no C\+\+ compiler"):
+        op.create_optimizer("adamw", make_params(), backend="compiled")
+
+
+# ----------------------------------------------------------------------------- fused_adamw
+
+
+@pytest.mark.parametrize("options", [dict(), dict(amsgrad=True, maximize=True, weight_decay=0.1)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_adamw_is_torch_fused_adamw_bit_for_bit(options, dtype):
+    ours, theirs = make_params(dtype), make_params(dtype)
+    opt = op.create_optimizer("fused_adamw", ours, lr=0.05, compensation=None, **options)
+    ref = torch.optim.AdamW(theirs, lr=0.05, fused=True, **options)
+    assert scaled_run(opt, ours) == scaled_run(ref, theirs)
+    for a, b in zip(ours, theirs):
+        assert torch.equal(a, b)
+        for name in ("exp_avg", "exp_avg_sq"):
+            assert torch.equal(opt.state[a][name], ref.state[b][name])
+
+
+TRITON_SCRIPT = '''
+import torch, optim_plugins as op
+def make():
+    g = torch.Generator().manual_seed(0)
+    return [torch.nn.Parameter(torch.randn(s, generator=g)) for s in [(6, 4), (4,)]]
+ours, theirs = make(), make()
+opt = op.create_optimizer("adamw", ours, lr=0.05, weight_decay=0.1, backend="triton")
+assert opt.backend_for(opt.param_groups[0], ours) == "triton"
+scales = []
+for o, params in ((opt, ours), (torch.optim.AdamW(theirs, lr=0.05, weight_decay=0.1, fused=True), theirs)):
+    scaler = torch.amp.GradScaler("cpu", init_scale=256.0, growth_interval=2)
+    for i in range(3):
+        scale = float(scaler.scale(torch.ones(())))
+        for j, p in enumerate(params):
+            p.grad = torch.sin(p.detach() * (i + 1) + j) * scale
+        if i == 1:
+            params[0].grad[0, 0] = float("inf")
+        scaler.step(o)
+        scaler.update()
+    scales.append(scaler.get_scale())
+assert scales[0] == scales[1] == 128.0, scales
+for a, b in zip(ours, theirs):
+    torch.testing.assert_close(a.detach(), b.detach(), rtol=1e-6, atol=1e-7)
+assert [int(opt.state[p]["step"]) for p in ours] == [2, 2]
+print("ok")
+'''
+
+
+def test_triton_backend_takes_the_loss_scale_under_the_interpreter():
+    """backend="triton" (TRITON_INTERPRET=1, CPU tensors) under GradScaler == torch fused AdamW under GradScaler."""
+    import os
+    import subprocess
+    import sys
+
+    pytest.importorskip("triton", reason="triton is not installed")
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    done = subprocess.run([sys.executable, "-c", TRITON_SCRIPT], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stderr[-2000:]

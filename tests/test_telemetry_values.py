@@ -1,0 +1,83 @@
+"""op.telemetry numbers for elementwise, factored and 8-bit optimizers in every backend, against a
+plain re-computation from the parameters before and after each step."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+import optim_plugins as op
+from optim_plugins.telemetry import telemetry
+
+
+def model_and_data(seed: int = 0):
+    torch.manual_seed(seed)
+    # 64 x 64 = 4096 elements: 8-bit states (min_8bit_size 4096) and factored second moments for the
+    # 2-D weights; the biases keep full fp32 states (unfactored, not quantised)
+    model = nn.Sequential(nn.Linear(16, 64), nn.Tanh(), nn.Linear(64, 64), nn.Tanh(), nn.Linear(64, 1))
+    g = torch.Generator().manual_seed(seed)
+    return model, torch.randn(32, 16, generator=g), torch.randn(32, 1, generator=g)
+
+
+def expected_lr(name: str, group, old: torch.Tensor, step: int) -> float:
+    if name == "adafactor":  # relative step (paper / transformers): min(1e-2, 1/sqrt(t)) * max(eps2, RMS(p))
+        rms = float(torch.linalg.vector_norm(old.double())) / math.sqrt(old.numel())
+        return min(1e-2, 1 / math.sqrt(step)) * max(1e-3, rms)
+    return group["lr"]
+
+
+CASES = {
+    "adamw": {"lr": 1e-2},
+    "lion": {"lr": 1e-3},
+    "adafactor": {},
+    "came": {"lr": 1e-3},
+    "adam8bit": {"lr": 1e-2},
+}
+# which parameters have a raw fp32 second moment shaped like them: 8-bit states from 4096 elements
+# (bitsandbytes' min_8bit_size), factored row/column moments for 2-D tensors, none for Lion
+SECOND_MOMENT = {"adamw": lambda p: True, "lion": lambda p: False, "adam8bit": lambda p: p.numel() < 4096,
+                 "adafactor": lambda p: p.dim() < 2, "came": lambda p: p.dim() < 2}
+
+
+@pytest.mark.parametrize("backend", ["reference", "foreach"])
+@pytest.mark.parametrize("name", list(CASES))
+def test_numbers_equal_recomputation(name, backend):
+    model, x, y = model_and_data()
+    optimizer = op.create_optimizer(name, model, backend=backend, **CASES[name])
+    names = {id(p): n for n, p in model.named_parameters()}
+    recorder = telemetry(optimizer, by="param", model=model)
+    for step in range(1, 4):
+        optimizer.zero_grad()
+        nn.functional.mse_loss(model(x), y).backward()
+        old = {n: p.detach().clone() for n, p in model.named_parameters()}
+        grads = {n: p.grad.detach().clone() for n, p in model.named_parameters()}
+        optimizer.step()
+        record = recorder.history[-1]
+        assert record["step"] == step and set(record["units"]) == set(old)
+        for group in optimizer.param_groups:
+            for p in group["params"]:
+                n = names[id(p)]
+                got = record["units"][n]
+                g = float(torch.linalg.vector_norm(grads[n].double()))
+                u = float(torch.linalg.vector_norm(p.detach().double() - old[n].double()))
+                w = float(torch.linalg.vector_norm(old[n].double()))
+                assert got["grad_norm"] == pytest.approx(g, rel=1e-5)
+                assert got["update_norm"] == pytest.approx(u, rel=1e-4, abs=1e-10)
+                assert got["weight_norm"] == pytest.approx(w, rel=1e-5)
+                assert got["update_ratio"] == pytest.approx(u / w, rel=1e-4, abs=1e-10) if w > 0 else math.isnan(got["update_ratio"])
+                assert got["lr"] == pytest.approx(expected_lr(name, group, old[n], step), rel=1e-5)
+                state = optimizer.state[p]
+                if SECOND_MOMENT[name](p):  # RMS of sqrt(v): sqrt(mean(v)) of the raw fp32 state
+                    v = state["exp_avg_sq"]
+                    assert v.dtype == torch.float32 and v.shape == p.shape
+                    assert got["second_moment"] == pytest.approx(math.sqrt(float(v.double().mean())), rel=1e-5)
+                else:
+                    assert "second_moment" not in got
+        if name == "adam8bit":  # the 4096-element weight's states are 8-bit codes (left out above)
+            assert optimizer.state[model[2].weight]["exp_avg_sq"].dtype == torch.uint8
+        if name in ("adafactor", "came"):
+            assert "exp_avg_sq_row" in optimizer.state[model[2].weight]
+    assert record["state_bytes"] == op.state_bytes(optimizer)
+    recorder.remove()
