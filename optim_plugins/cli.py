@@ -9,28 +9,12 @@ from typing import Sequence
 def _probe_state_bytes(name: str) -> float | None:
     """State bytes per parameter of ``name`` after one step on a 64x64 weight and a 64 bias (fp32,
     4160 parameters, 8-bit states included); None where one step on a bare tensor list is not possible."""
-    import torch
+    from .bench.memory import state_bytes_after_one_step
 
-    import optim_plugins as op
-
-    generator = torch.Generator().manual_seed(0)
-    params = [torch.nn.Parameter(torch.randn(64, 64, generator=generator) * 0.02), torch.nn.Parameter(torch.zeros(64))]
     try:
-        optimizer = op.create_optimizer(name, params)
-        if callable(getattr(optimizer, "train", None)):
-            optimizer.train()
-        graph = bool(getattr(getattr(optimizer, "capabilities", None), "needs_create_graph", False))
-
-        def closure():
-            optimizer.zero_grad()
-            loss = sum((p ** 2).sum() for p in params)
-            loss.backward(create_graph=graph)
-            return loss
-
-        optimizer.step(closure)
+        return state_bytes_after_one_step(name, 64)[0]
     except Exception:  # a plugin that needs a model, a device or more: the column says "?"
         return None
-    return op.state_bytes(optimizer) / sum(p.numel() for p in params)
 
 
 def _backends(spec) -> list[str]:
