@@ -87,13 +87,18 @@ def _norms(tensors: list[Tensor]) -> Tensor:
     return torch.stack([n.to(ts[0].device) for n in norms])
 
 
-def _second_moment(p: Tensor, state: Any) -> Tensor | None:
+def _second_moment_name(p: Tensor, state: Any) -> str | None:
     """The first of :data:`SECOND_MOMENT_KEYS` in ``state`` that is a float tensor shaped like ``p``."""
     for key in SECOND_MOMENT_KEYS:
         v = state.get(key) if isinstance(state, Mapping) else None
         if torch.is_tensor(v) and v.is_floating_point() and v.shape == p.shape:
-            return v
+            return key
     return None
+
+
+def _second_moment(p: Tensor, state: Any) -> Tensor | None:
+    name = _second_moment_name(p, state)
+    return None if name is None else state[name]
 
 
 class TelemetryWarning(UserWarning):
@@ -326,19 +331,32 @@ class Telemetry:
             new.append(p.detach().float() + comp if torch.is_tensor(comp) else p.detach())
         torch._foreach_sub_([_real(o) for o in old], [_real(n) for n in new])  # old is our own copy
         update_norms = _norms(old)
-        effective = getattr(optimizer, "effective_lr", None)
-        lrs, counts, sums = [], [], []
+        sums = []
         for p, s in zip(params, states):
-            lrs.append(float(effective(group, s)) if effective is not None else float(group.get("lr") or 0.0))
             v = _second_moment(p, s)
-            if v is not None:
-                sums.append(v.detach().sum(dtype=torch.float32 if v.dtype in (torch.bfloat16, torch.float16) else None))
-                counts.append(v.numel())
-            else:
-                sums.append(torch.zeros((), dtype=update_norms.dtype, device=update_norms.device))
-                counts.append(0)
+            sums.append(torch.zeros((), dtype=update_norms.dtype, device=update_norms.device) if v is None else
+                        v.detach().sum(dtype=torch.float32 if v.dtype in (torch.bfloat16, torch.float16) else None))
         stats = torch.stack([grad_norms, update_norms, weight_norms.to(update_norms.dtype),
                              torch.stack([t.to(update_norms) for t in sums])], dim=1)
+        self._keep(optimizer, group, params, states, stats)
+
+    second_moment_name = staticmethod(_second_moment_name)
+
+    def add_sums(self, optimizer: Any, group: Mapping[str, Any], params: list[Tensor],
+                 states: list[Mapping[str, Any]], sums: Tensor) -> None:
+        """Sums a fused kernel computed during the step, one row per parameter: g^2, update^2,
+        old p^2 and the second moment named by :meth:`second_moment_name` (Triton backend)."""
+        if self._acc is None:
+            return
+        norms = sums[:, :3].clamp_min(0).sqrt()
+        self._keep(optimizer, group, params, states, torch.cat([norms, sums[:, 3:]], dim=1))
+
+    def _keep(self, optimizer: Any, group: Mapping[str, Any], params: list[Tensor], states: list[Mapping[str, Any]],
+              stats: Tensor) -> None:
+        """Hold one group's per-parameter (grad norm, update norm, weight norm, sum v) until the record."""
+        effective = getattr(optimizer, "effective_lr", None)
+        lrs = [float(effective(group, s)) if effective is not None else float(group.get("lr") or 0.0) for s in states]
+        counts = [0 if _second_moment(p, s) is None else p.numel() for p, s in zip(params, states)]
         self._acc.append(([id(p) for p in params], stats, lrs, counts))
 
     def _record(self, optimizer: Any) -> None:

@@ -126,6 +126,24 @@ def test_compiled_falls_back_where_it_cannot_record():
     assert_params_close(*results, rtol=0, atol=0)
 
 
+def test_compiled_packs_small_tensors_without_changing_a_bit(monkeypatch):
+    """Tensors below PACK_BELOW elements are stepped in one compiled call on concatenated copies:
+    the same bits as one call per tensor (the update is elementwise)."""
+    results = []
+    for pack_below in (compiled_kernels.PACK_BELOW, 0):
+        monkeypatch.setattr(compiled_kernels, "PACK_BELOW", pack_below)
+        g = torch.Generator().manual_seed(3)
+        params = [torch.nn.Parameter(torch.randn(n, generator=g)) for n in (1, 7, 300, 9, 70_000)]
+        opt = op.create_optimizer("adamw", params, lr=0.05, weight_decay=0.1, backend="compiled")
+        for i in range(2):
+            set_grads(params, i)
+            opt.step()
+        results.append((params, [opt.state[p]["exp_avg_sq"] for p in params]))
+    (packed, packed_v), (single, single_v) = results
+    for a, b, va, vb in zip(packed, single, packed_v, single_v):
+        assert torch.equal(a, b) and torch.equal(va, vb)
+
+
 # ----------------------------------------------------------------------------- auto and explicit backends
 
 
@@ -171,6 +189,49 @@ def test_fused_adamw_is_torch_fused_adamw_bit_for_bit(options, dtype):
         assert torch.equal(a, b)
         for name in ("exp_avg", "exp_avg_sq"):
             assert torch.equal(opt.state[a][name], ref.state[b][name])
+
+
+@pytest.mark.parametrize("name,torch_cls,options", [
+    ("adamw", torch.optim.AdamW, dict(weight_decay=0.1)),
+    ("adam", torch.optim.Adam, dict(weight_decay=0.1, amsgrad=True)),  # L2 decay through torch._fused_adam_
+])
+def test_adam_and_adamw_auto_run_torch_fused_kernel_bit_for_bit(name, torch_cls, options):
+    """``backend="auto"`` on CPU: plain adam/adamw step with torch's fused kernel (same bits as fused=True)."""
+    ours, theirs = make_params(), make_params()
+    opt = op.create_optimizer(name, ours, lr=0.05, **options)
+    ref = torch_cls(theirs, lr=0.05, fused=True, **options)
+    for i in range(3):
+        set_grads(ours, i)
+        set_grads(theirs, i)
+        opt.step()
+        ref.step()
+    for a, b in zip(ours, theirs):
+        assert torch.equal(a, b)
+    explicit = make_params()
+    foreach = op.create_optimizer(name, explicit, lr=0.05, backend="foreach", **options)
+    for i in range(3):
+        set_grads(explicit, i)
+        foreach.step()
+    assert_params_close(explicit, ours)  # the update of optimizers/adam.py agrees to fp32 rounding
+
+
+def test_torch_fused_path_is_decided_per_parameter():
+    """adamw8bit: its 8-bit tensor takes the 8-bit path, its small fp32 one torch's fused kernel, exactly as
+    when that tensor is stepped alone (a sharded rank holding only small tensors gets the same bits)."""
+    big, small = torch.nn.Parameter(torch.randn(64, 64)), torch.nn.Parameter(torch.randn(5))
+    alone = torch.nn.Parameter(small.detach().clone())
+    mixed = op.create_optimizer("adamw8bit", [big, small], lr=0.05, min_8bit_size=4096)
+    single = op.create_optimizer("adamw8bit", [alone], lr=0.05, min_8bit_size=4096)
+    ref = torch.nn.Parameter(small.detach().clone())
+    fused = torch.optim.AdamW([ref], lr=0.05, fused=True)
+    for i in range(3):
+        set_grads([big, small], i)
+        alone.grad = small.grad.clone()
+        ref.grad = small.grad.clone()
+        for o in (mixed, single, fused):
+            o.step()
+    assert mixed.state[big]["exp_avg"].dtype == torch.uint8
+    assert torch.equal(small, alone) and torch.equal(small, ref)
 
 
 TRITON_SCRIPT = '''

@@ -370,3 +370,53 @@ def test_through_create_optimizer():
         ker.step()
         compare(ker, ref, p_before, s_before, "backend='triton'")
     assert launches() - seen == 2  # the kernels did the steps: one launch each
+
+
+@pytest.mark.parametrize("name,dtype,options", [
+    ("adamw", torch.float32, {"weight_decay": 0.1}),
+    ("adam8bit", torch.float32, {"min_8bit_size": 1024}),  # the big tensor 8-bit (no second moment), the small fp32
+    ("lion", torch.float32, {}),
+    ("adamw", torch.bfloat16, {}),  # Kahan: the update of the fp32 value p + compensation
+])
+def test_telemetry_sums_come_from_the_kernel(name, dtype, options):
+    """op.telemetry on backend="triton": grad, update and weight norms and the second moment are
+    summed inside the kernel (one launch per bucket, no parameter copy), equal to the eager
+    recorder on the reference backend."""
+    from optim_plugins.telemetry import telemetry
+
+    torch.manual_seed(6)
+    shapes = [(3,), (2049,), (40, 30)]
+    ref_params = [torch.randn(s, device=DEVICE).to(dtype).requires_grad_() for s in shapes]
+    ker_params = [p.detach().clone().requires_grad_() for p in ref_params]
+    ref = op.create_optimizer(name, ref_params, backend="reference", lr=1e-2, **options)
+    ker = op.create_optimizer(name, ker_params, backend="triton", lr=1e-2, **options)
+    records = [telemetry(ref, by="param"), telemetry(ker, by="param")]
+    for _ in range(3):
+        set_grads(ref_params, ker_params)
+        seen = launches()
+        ref.step()
+        ker.step()
+        assert launches() - seen == (2 if name == "adam8bit" else 1)  # one per bucket (8-bit, fp32): no extra pass
+        expected, got = (r.history[-1]["units"] for r in records)
+        assert set(expected) == set(got)
+        for unit, values in expected.items():
+            assert set(got[unit]) == set(values), unit
+            for metric, value in values.items():
+                tolerance = 1e-5 if dtype == torch.float32 else 2e-2  # bf16: the two updates differ in rounding
+                assert got[unit][metric] == pytest.approx(value, rel=tolerance, abs=1e-9), (unit, metric)
+    assert ("second_moment" in got["param2"]) == (name == "adamw")  # 8-bit and Lion: no float second moment
+
+
+def test_kernel_error_leaves_the_step_count():
+    """A parameter the kernels cannot take raises before any launch: nothing changes, ``step`` is not counted."""
+    dense = torch.randn(4, device=DEVICE, requires_grad=True)
+    strided = torch.randn(4, 8, device=DEVICE)[:, ::2].requires_grad_()  # not dense in memory
+    opt = op.create_optimizer("adamw", [dense, strided], backend="triton")
+    dense.grad, strided.grad = torch.ones_like(dense), torch.ones_like(strided)
+    before = [dense.detach().clone(), strided.detach().clone()]
+    seen = launches()
+    with pytest.raises(ValueError, match="not dense"):
+        opt.step()
+    assert launches() == seen
+    assert torch.equal(dense, before[0]) and torch.equal(strided, before[1])
+    assert [float(opt.state[p]["step"]) for p in (dense, strided)] == [0.0, 0.0]

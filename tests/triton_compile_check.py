@@ -21,16 +21,18 @@ from optim_plugins.kernels.triton import adabelief, adam, adan, lion, rmsprop, s
 from optim_plugins.kernels.triton import multi_tensor as mt
 
 FLOATS = {"wd", *(f"h{i}" for i in range(mt.SCALARS))}
-POINTERS = {"grad_scale": "*fp32", "clip_coef": "*fp32", "found_inf": "*fp32", "seed_ptr": "*i64",
+POINTERS = {"grad_scale": "*fp32", "clip_coef": "*fp32", "found_inf": "*fp32", "seed_ptr": "*i64", "stats": "*fp32",
             "code_signed": "*fp32", "mid_signed": "*fp32", "code_unsigned": "*fp32", "mid_unsigned": "*fp32"}
 BASE = dict(O0=0, O1=0, O2=0, P_DTYPE=tl.float32, G_DTYPE=tl.float32, S_DTYPE=tl.float32, STATES=3, COMP=False,
-            WRITE=0, WD_MODE=2, MAXIMIZE=False, HAS_SCALE=True, HAS_CLIP=True, HAS_FOUND_INF=True)
+            WRITE=0, WD_MODE=2, MAXIMIZE=False, HAS_SCALE=True, HAS_CLIP=True, HAS_FOUND_INF=True,
+            STATS=False, V_SLOT=-1)
 ELEMENTWISE = dict(BASE, ALIGNED=True, BLOCK=mt.BLOCK)
 BF16 = dict(P_DTYPE=tl.bfloat16, G_DTYPE=tl.bfloat16, S_DTYPE=tl.bfloat16)
 VARIANTS = [  # every algorithm's update at its richest options, both precisions, both kernels
     ("adam amsgrad fp32", mt.elementwise_kernel, dict(ELEMENTWISE, UPDATE=adam.update, STATES=7, O0=1)),
     ("adamw bf16 kahan", mt.elementwise_kernel, dict(ELEMENTWISE, UPDATE=adam.update, COMP=True, WRITE=1, **BF16)),
     ("adamw bf16 stochastic", mt.elementwise_kernel, dict(ELEMENTWISE, UPDATE=adam.update, WRITE=2, **BF16)),
+    ("adamw telemetry sums", mt.elementwise_kernel, dict(ELEMENTWISE, UPDATE=adam.update, STATS=True, V_SLOT=1)),
     ("lion", mt.elementwise_kernel, dict(ELEMENTWISE, UPDATE=lion.update, STATES=1)),
     ("sgd nesterov", mt.elementwise_kernel, dict(ELEMENTWISE, UPDATE=sgd.update, STATES=1, O0=1, O1=1)),
     ("rmsprop centered momentum", mt.elementwise_kernel,
@@ -40,6 +42,8 @@ VARIANTS = [  # every algorithm's update at its richest options, both precisions
      dict(ELEMENTWISE, UPDATE=adabelief.update, STATES=7, O0=1, WD_MODE=1)),
     ("adamw8bit", mt.blockwise8bit_kernel,
      dict(BASE, UPDATE=adam.update, CODED=3, SIGNED=1, QROWS=mt.QROWS, QBLOCK=mt.QBLOCK)),
+    ("adamw8bit telemetry sums", mt.blockwise8bit_kernel,
+     dict(BASE, UPDATE=adam.update, CODED=1, SIGNED=1, QROWS=mt.QROWS, QBLOCK=mt.QBLOCK, STATS=True, V_SLOT=1)),
     ("lion8bit bf16 kahan", mt.blockwise8bit_kernel, dict(BASE, UPDATE=lion.update, STATES=1, CODED=1, SIGNED=1,
                                                           QROWS=mt.QROWS, QBLOCK=mt.QBLOCK, COMP=True, WRITE=1,
                                                           P_DTYPE=tl.bfloat16, G_DTYPE=tl.bfloat16)),

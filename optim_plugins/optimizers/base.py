@@ -328,8 +328,7 @@ class Optimizer(torch.optim.Optimizer):
         """Update ``params`` of ``group`` from ``grads``: any subset of the group may be stepped."""
         backend = self.backend_for(group, params)
         states = [self._state_of(p, group) for p in params]
-        for state in states:
-            state["step"] += 1
+        torch._foreach_add_([state["step"] for state in states], 1)
         per_tensor = backend == "reference" or not self.capabilities.elementwise
         if per_tensor:  # whole-tensor math (norms, factored moments, matmuls) runs one tensor at a time
             buckets: Iterable[list[int]] = ([i] for i in range(len(params)))
@@ -340,19 +339,34 @@ class Optimizer(torch.optim.Optimizer):
                 keyed[(p.device, p.dtype, p.is_complex(), scalars)].append(i)
             buckets = keyed.values()
         probe = self.__dict__.get("_telemetry")  # op.telemetry: set only on its recording steps
-        before = probe.before(self, group, params, grads, states) if probe is not None else None
         inv_scale = self.__dict__.get("_inv_scale")
+        if backend == "triton":
+            self._triton_step(group, params, grads, states, inv_scale, probe)
+            return
+        before = probe.before(self, group, params, grads, states) if probe is not None else None
         for index in buckets:
             bucket = [params[i] for i in index], [grads[i] for i in index], [states[i] for i in index]
-            if backend == "triton":
-                from ..kernels import triton as triton_kernels
-
-                scale = None if inv_scale is None else torch.tensor(inv_scale, device=bucket[0][0].device)
-                triton_kernels.step(self, group, *bucket, grad_scale=scale)
-            else:
-                self._apply(group, *bucket, per_tensor, backend == "compiled", inv_scale)
+            self._apply(group, *bucket, per_tensor, backend == "compiled", inv_scale)
         if before is not None:
             probe.after(self, group, params, states, before)
+
+    def _triton_step(self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor], states: list[dict],
+                     inv_scale: float | None, probe: Any) -> None:
+        """The Triton kernels step the whole group (they bucket it themselves); op.telemetry's
+        sums come out of the same kernels. An error (raised before any launch) undoes the step count."""
+        from ..kernels import triton as triton_kernels
+
+        device = params[0].device
+        scale = None if inv_scale is None else torch.tensor(inv_scale, device=device)
+        stats = None if probe is None else torch.zeros(len(params), 4, dtype=torch.float32, device=device)
+        try:
+            triton_kernels.step(self, group, params, grads, states, grad_scale=scale, stats=stats,
+                                second_moment=None if probe is None else probe.second_moment_name)
+        except Exception:
+            torch._foreach_sub_([state["step"] for state in states], 1)
+            raise
+        if probe is not None:
+            probe.add_sums(self, group, params, states, stats)
 
     def _backend(self, group: Mapping[str, Any]) -> str:
         return self.backend_for(group, [p for p in group["params"] if p.grad is not None])

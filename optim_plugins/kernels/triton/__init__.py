@@ -101,7 +101,7 @@ import importlib
 import importlib.util
 import os
 import sys
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 from torch import Tensor
@@ -190,13 +190,17 @@ def supports(optimizer: Any, group: Mapping[str, Any]) -> bool:
 
 def step(optimizer: Any, group: dict[str, Any], params: Sequence[Tensor], grads: Sequence[Tensor],
          states: Sequence[dict[str, Any]], *, grad_scale: Tensor | None = None, found_inf: Tensor | None = None,
-         clip_coef: Tensor | None = None) -> None:
+         clip_coef: Tensor | None = None, stats: Tensor | None = None,
+         second_moment: Callable[[Tensor, dict], str | None] | None = None) -> None:
     """Update ``params`` of ``group`` in place: one kernel launch per (device, dtype, step, precision) bucket.
 
     ``states`` are the parameters' initialised state dicts whose ``step`` was already
     incremented. ``grad_scale`` (GradScaler's inverse scale), ``clip_coef`` (a factor for the
     gradient) and ``found_inf`` (nonzero: change nothing) are 0-d or 1-element tensors read
     inside the kernel. Raises before changing anything when a parameter cannot be handled.
+    ``stats``: a zeroed fp32 ``(len(params), 4)`` tensor on the parameters' device; the kernels add
+    op.telemetry's sums into it in the same pass (g^2, update^2, old p^2, and the sum of the state
+    ``second_moment(p, state)`` names).
     """
     if not params:
         return
@@ -210,4 +214,5 @@ def step(optimizer: Any, group: dict[str, Any], params: Sequence[Tensor], grads:
     from . import multi_tensor
 
     kernel = importlib.import_module(f"{__name__}.{algorithm[0]}")
-    multi_tensor.run(kernel, optimizer, group, params, grads, states, grad_scale, found_inf, clip_coef)
+    multi_tensor.run(kernel, optimizer, group, params, grads, states, grad_scale, found_inf, clip_coef,
+                     stats, second_moment)

@@ -165,28 +165,33 @@ def _param_and_grad(tensors, row, offs, mask, grad_scale, clip_coef, wd,
                     P_DTYPE: tl.constexpr, G_DTYPE: tl.constexpr, COMP: tl.constexpr, WD_MODE: tl.constexpr,
                     MAXIMIZE: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_CLIP: tl.constexpr,
                     ALIGNED: tl.constexpr, MASKED: tl.constexpr):
-    """The fp32 working parameter (plus its Kahan buffer) and the gradient the update sees."""
-    p = _load(tensors, row, _COL_P, P_DTYPE, ALIGNED, offs, mask, MASKED)
+    """The fp32 working parameter (plus its Kahan buffer) and the gradient the update sees,
+    then the parameter and gradient before weight decay and ``maximize`` (for the telemetry sums)."""
+    p_old = _load(tensors, row, _COL_P, P_DTYPE, ALIGNED, offs, mask, MASKED)
     if COMP:
-        p = p + _load(tensors, row, _COL_COMP, P_DTYPE, ALIGNED, offs, mask, MASKED)
-    g = _load(tensors, row, _COL_G, G_DTYPE, ALIGNED, offs, mask, MASKED)
+        p_old = p_old + _load(tensors, row, _COL_COMP, P_DTYPE, ALIGNED, offs, mask, MASKED)
+    g_raw = _load(tensors, row, _COL_G, G_DTYPE, ALIGNED, offs, mask, MASKED)
     if HAS_SCALE:  # GradScaler's inverse scale
-        g = g * tl.load(grad_scale).to(tl.float32)
+        g_raw = g_raw * tl.load(grad_scale).to(tl.float32)
     if HAS_CLIP:  # a gradient-norm clip factor computed beforehand
-        g = g * tl.load(clip_coef).to(tl.float32)
+        g_raw = g_raw * tl.load(clip_coef).to(tl.float32)
+    p = p_old
+    g = g_raw
     if MAXIMIZE:
         g = -g
     if WD_MODE == 1:  # "l2": g + wd * p
         g = add(g, p, wd)
     elif WD_MODE == 2:  # "decoupled" / "fixed": wd holds 1 - lr * wd or 1 - wd
         p = p * wd
-    return p, g
+    return p, g, p_old, g_raw
 
 
 @triton.jit
 def _write_param(tensors, row, offs, mask, x, seed, rand_offs,
                  P_DTYPE: tl.constexpr, WRITE: tl.constexpr, ALIGNED: tl.constexpr, MASKED: tl.constexpr):
-    """Write the fp32 result ``x`` into p: nearest, Kahan (keep the rounding error) or stochastic."""
+    """Write the fp32 result ``x`` into p: nearest, Kahan (keep the rounding error) or stochastic.
+
+    Returns the new value p now carries in fp32 (with Kahan: p plus its compensation, i.e. ``x``)."""
     if WRITE == 2:  # stochastic rounding to bf16: add 16 random low bits, truncate
         bits = x.to(tl.uint32, bitcast=True) + (tl.randint(seed, rand_offs) & 0xFFFF)
         out = (bits & 0xFFFF0000).to(tl.float32, bitcast=True).to(P_DTYPE)
@@ -195,22 +200,52 @@ def _write_param(tensors, row, offs, mask, x, seed, rand_offs,
     _store(tensors, row, _COL_P, P_DTYPE, ALIGNED, offs, out, mask, MASKED)
     if WRITE == 1:
         _store(tensors, row, _COL_COMP, P_DTYPE, ALIGNED, offs, x - out.to(tl.float32), mask, MASKED)
+        return x
+    else:
+        return out.to(tl.float32)
+
+
+@triton.jit
+def _select(s0, s1, s2, s3, SLOT: tl.constexpr):
+    if SLOT == 0:
+        return s0
+    elif SLOT == 1:
+        return s1
+    elif SLOT == 2:
+        return s2
+    else:
+        return s3
+
+
+@triton.jit
+def _accumulate_stats(stats, row, mask, g, p_old, p_new, s0, s1, s2, s3, V_SLOT: tl.constexpr):
+    """op.telemetry's sums for this chunk, added into ``stats[row]``: sum g^2, sum (new p - old p)^2,
+    sum old p^2 and (``V_SLOT`` >= 0) sum of the second moment: one extra reduction, no extra pass."""
+    zero = tl.zeros_like(g)
+    g = tl.where(mask, g, zero)
+    delta = tl.where(mask, p_new - p_old, zero)
+    p_old = tl.where(mask, p_old, zero)
+    tl.atomic_add(stats + row * 4 + 0, tl.sum(g * g))
+    tl.atomic_add(stats + row * 4 + 1, tl.sum(delta * delta))
+    tl.atomic_add(stats + row * 4 + 2, tl.sum(p_old * p_old))
+    if V_SLOT >= 0:
+        tl.atomic_add(stats + row * 4 + 3, tl.sum(tl.where(mask, _select(s0, s1, s2, s3, V_SLOT), zero)))
 
 
 # ----------------------------------------------------------------------------- the elementwise kernel
 
 
 @triton.jit
-def _elementwise_chunk(tensors, row, start, numel, grad_scale, clip_coef, seed, wd,
+def _elementwise_chunk(tensors, row, start, numel, grad_scale, clip_coef, seed, wd, stats,
                        h0, h1, h2, h3, h4, h5, h6, h7, h8, h9,
                        UPDATE: tl.constexpr, O0: tl.constexpr, O1: tl.constexpr, O2: tl.constexpr,
                        P_DTYPE: tl.constexpr, G_DTYPE: tl.constexpr, S_DTYPE: tl.constexpr, STATES: tl.constexpr,
                        COMP: tl.constexpr, WRITE: tl.constexpr, WD_MODE: tl.constexpr, MAXIMIZE: tl.constexpr,
                        HAS_SCALE: tl.constexpr, HAS_CLIP: tl.constexpr, ALIGNED: tl.constexpr,
-                       BLOCK: tl.constexpr, MASKED: tl.constexpr):
+                       STATS: tl.constexpr, V_SLOT: tl.constexpr, BLOCK: tl.constexpr, MASKED: tl.constexpr):
     offs = start + tl.arange(0, BLOCK)
     mask = offs < numel
-    p, g = _param_and_grad(tensors, row, offs, mask, grad_scale, clip_coef, wd, P_DTYPE, G_DTYPE, COMP, WD_MODE,
+    p, g, p_old, g_raw = _param_and_grad(tensors, row, offs, mask, grad_scale, clip_coef, wd, P_DTYPE, G_DTYPE, COMP, WD_MODE,
                            MAXIMIZE, HAS_SCALE, HAS_CLIP, ALIGNED, MASKED)
     s0 = p
     s1 = p
@@ -234,17 +269,19 @@ def _elementwise_chunk(tensors, row, start, numel, grad_scale, clip_coef, seed, 
     if STATES & 8:
         _store(tensors, row, _COL_STATE + 3, S_DTYPE, ALIGNED, offs, s3, mask, MASKED)
     rand_offs = (offs + row * 0x9E3779B1).to(tl.uint32)  # distinct per element and tensor (mod 2^32)
-    _write_param(tensors, row, offs, mask, p, seed, rand_offs, P_DTYPE, WRITE, ALIGNED, MASKED)
+    p_new = _write_param(tensors, row, offs, mask, p, seed, rand_offs, P_DTYPE, WRITE, ALIGNED, MASKED)
+    if STATS:
+        _accumulate_stats(stats, row, mask, g_raw, p_old, p_new, s0, s1, s2, s3, V_SLOT)
 
 
 @triton.jit
-def elementwise_kernel(tensors, blocks, grad_scale, clip_coef, found_inf, seed_ptr, wd,
+def elementwise_kernel(tensors, blocks, grad_scale, clip_coef, found_inf, seed_ptr, stats, wd,
                        h0, h1, h2, h3, h4, h5, h6, h7, h8, h9,
                        UPDATE: tl.constexpr, O0: tl.constexpr, O1: tl.constexpr, O2: tl.constexpr,
                        P_DTYPE: tl.constexpr, G_DTYPE: tl.constexpr, S_DTYPE: tl.constexpr, STATES: tl.constexpr,
                        COMP: tl.constexpr, WRITE: tl.constexpr, WD_MODE: tl.constexpr, MAXIMIZE: tl.constexpr,
                        HAS_SCALE: tl.constexpr, HAS_CLIP: tl.constexpr, HAS_FOUND_INF: tl.constexpr,
-                       ALIGNED: tl.constexpr, BLOCK: tl.constexpr):
+                       STATS: tl.constexpr, V_SLOT: tl.constexpr, ALIGNED: tl.constexpr, BLOCK: tl.constexpr):
     """One program: BLOCK elements of one tensor of the bucket (``blocks`` row: tensor, start)."""
     pid = tl.program_id(0)
     row = tl.load(blocks + 2 * pid)
@@ -258,15 +295,15 @@ def elementwise_kernel(tensors, blocks, grad_scale, clip_coef, found_inf, seed_p
         seed = tl.load(seed_ptr)
     if skip == 0:
         if start + BLOCK <= numel:  # a full chunk: unmasked (vectorised) loads and stores
-            _elementwise_chunk(tensors, row, start, numel, grad_scale, clip_coef, seed, wd,
+            _elementwise_chunk(tensors, row, start, numel, grad_scale, clip_coef, seed, wd, stats,
                                h0, h1, h2, h3, h4, h5, h6, h7, h8, h9, UPDATE, O0, O1, O2,
                                P_DTYPE, G_DTYPE, S_DTYPE, STATES, COMP, WRITE, WD_MODE, MAXIMIZE,
-                               HAS_SCALE, HAS_CLIP, ALIGNED, BLOCK, False)
+                               HAS_SCALE, HAS_CLIP, ALIGNED, STATS, V_SLOT, BLOCK, False)
         else:
-            _elementwise_chunk(tensors, row, start, numel, grad_scale, clip_coef, seed, wd,
+            _elementwise_chunk(tensors, row, start, numel, grad_scale, clip_coef, seed, wd, stats,
                                h0, h1, h2, h3, h4, h5, h6, h7, h8, h9, UPDATE, O0, O1, O2,
                                P_DTYPE, G_DTYPE, S_DTYPE, STATES, COMP, WRITE, WD_MODE, MAXIMIZE,
-                               HAS_SCALE, HAS_CLIP, ALIGNED, BLOCK, True)
+                               HAS_SCALE, HAS_CLIP, ALIGNED, STATS, V_SLOT, BLOCK, True)
 
 
 # ----------------------------------------------------------------------------- the 8-bit kernel
@@ -326,7 +363,7 @@ def _store_slot(tensors, row, slot: tl.constexpr, offs, mask, qrow, qmask, x, mi
 
 
 @triton.jit
-def blockwise8bit_kernel(tensors, blocks, grad_scale, clip_coef, found_inf, seed_ptr, wd,
+def blockwise8bit_kernel(tensors, blocks, grad_scale, clip_coef, found_inf, seed_ptr, stats, wd,
                          code_signed, mid_signed, code_unsigned, mid_unsigned,
                          h0, h1, h2, h3, h4, h5, h6, h7, h8, h9,
                          UPDATE: tl.constexpr, O0: tl.constexpr, O1: tl.constexpr, O2: tl.constexpr,
@@ -334,7 +371,7 @@ def blockwise8bit_kernel(tensors, blocks, grad_scale, clip_coef, found_inf, seed
                          CODED: tl.constexpr, SIGNED: tl.constexpr,
                          COMP: tl.constexpr, WRITE: tl.constexpr, WD_MODE: tl.constexpr, MAXIMIZE: tl.constexpr,
                          HAS_SCALE: tl.constexpr, HAS_CLIP: tl.constexpr, HAS_FOUND_INF: tl.constexpr,
-                         QROWS: tl.constexpr, QBLOCK: tl.constexpr):
+                         STATS: tl.constexpr, V_SLOT: tl.constexpr, QROWS: tl.constexpr, QBLOCK: tl.constexpr):
     """One program: QROWS quantisation blocks of one tensor; dequantise, update, requantise."""
     pid = tl.program_id(0)
     row = tl.load(blocks + 2 * pid)
@@ -351,8 +388,8 @@ def blockwise8bit_kernel(tensors, blocks, grad_scale, clip_coef, found_inf, seed
         qmask = qrow * QBLOCK < numel
         offs = qrow[:, None] * QBLOCK + tl.arange(0, QBLOCK)[None, :]
         mask = offs < numel
-        p, g = _param_and_grad(tensors, row, offs, mask, grad_scale, clip_coef, wd, P_DTYPE, G_DTYPE, COMP, WD_MODE,
-                               MAXIMIZE, HAS_SCALE, HAS_CLIP, False, True)
+        p, g, p_old, g_raw = _param_and_grad(tensors, row, offs, mask, grad_scale, clip_coef, wd, P_DTYPE, G_DTYPE,
+                                             COMP, WD_MODE, MAXIMIZE, HAS_SCALE, HAS_CLIP, False, True)
         s0 = _load_slot(tensors, row, 0, offs, mask, qrow, qmask, code_signed, code_unsigned, p,
                         S_DTYPE, STATES, CODED, SIGNED)
         s1 = _load_slot(tensors, row, 1, offs, mask, qrow, qmask, code_signed, code_unsigned, p,
@@ -371,7 +408,9 @@ def blockwise8bit_kernel(tensors, blocks, grad_scale, clip_coef, found_inf, seed
         _store_slot(tensors, row, 3, offs, mask, qrow, qmask, s3, mid_signed, mid_unsigned,
                     S_DTYPE, STATES, CODED, SIGNED)
         rand_offs = (offs + row * 0x9E3779B1).to(tl.uint32)
-        _write_param(tensors, row, offs, mask, p, seed, rand_offs, P_DTYPE, WRITE, False, True)
+        p_new = _write_param(tensors, row, offs, mask, p, seed, rand_offs, P_DTYPE, WRITE, False, True)
+        if STATS:
+            _accumulate_stats(stats, row, mask, g_raw, p_old, p_new, s0, s1, s2, s3, V_SLOT)
 
 
 # ----------------------------------------------------------------------------- host side
@@ -427,13 +466,20 @@ class Bucket:
     write: int  # WRITE_NEAREST / WRITE_KAHAN / WRITE_STOCHASTIC
     coded: int  # bitmask of 8-bit slots
     signed: int  # bitmask of signed 8-bit slots
+    v_slot: int = -1  # the slot whose sum op.telemetry reads as the second moment (-1: none)
     rows: list[list[int]] = field(default_factory=list)
+    indices: list[int] = field(default_factory=list)  # the position of each row's parameter in ``params``
     aligned: bool = True  # every address 16-byte aligned: vector loads in full chunks
 
 
 def launch(plan: Plan, bucket: Bucket, *, wd_mode: int, wd: float, maximize: bool,
-           grad_scale: Tensor | None, clip_coef: Tensor | None, found_inf: Tensor | None) -> None:
-    """One kernel launch for every tensor of ``bucket``."""
+           grad_scale: Tensor | None, clip_coef: Tensor | None, found_inf: Tensor | None,
+           stats: Tensor | None = None) -> None:
+    """One kernel launch for every tensor of ``bucket``.
+
+    ``stats``: a zeroed fp32 ``(len(bucket.rows), 4)`` tensor that receives, per tensor, the sums
+    of g^2, (new p - old p)^2, old p^2 and of the second moment (slot ``bucket.v_slot``).
+    """
     numels = [row[COL_NUMEL] for row in bucket.rows]
     if sum(numels) == 0:
         return
@@ -442,6 +488,7 @@ def launch(plan: Plan, bucket: Bucket, *, wd_mode: int, wd: float, maximize: boo
     unused = tensors  # any pointer: never read
     seed = torch.randint(0, 2**31 - 1, (1,), device=device) if bucket.write == WRITE_STOCHASTIC else unused
     pointers = [unused if t is None else t.to(device) for t in (grad_scale, clip_coef, found_inf)] + [seed]
+    pointers.append(unused if stats is None else stats)
     scalars = [float(h) for h in plan.scalars] + [0.0] * (SCALARS - len(plan.scalars))
     constexprs = dict(
         UPDATE=plan.update, O0=int(plan.options[0]), O1=int(plan.options[1]), O2=int(plan.options[2]),
@@ -449,6 +496,7 @@ def launch(plan: Plan, bucket: Bucket, *, wd_mode: int, wd: float, maximize: boo
         STATES=sum(1 << i for i, name in enumerate(plan.slots) if name is not None), COMP=bucket.comp,
         WRITE=bucket.write, WD_MODE=wd_mode, MAXIMIZE=bool(maximize),
         HAS_SCALE=grad_scale is not None, HAS_CLIP=clip_coef is not None, HAS_FOUND_INF=found_inf is not None,
+        STATS=stats is not None, V_SLOT=bucket.v_slot if stats is not None else -1,
     )
     if bucket.coded:
         blocks = _block_table(numels, QROWS * QBLOCK, device)
@@ -556,10 +604,13 @@ def _slots(plan: Plan, p: Tensor, state: dict, codecs: dict, where: str) -> tupl
 
 
 def run(algorithm, optimizer, group: dict, params: Sequence[Tensor], grads: Sequence[Tensor], states: Sequence[dict],
-        grad_scale: Tensor | None, found_inf: Tensor | None, clip_coef: Tensor | None) -> None:
+        grad_scale: Tensor | None, found_inf: Tensor | None, clip_coef: Tensor | None,
+        stats: Tensor | None = None, second_moment: Callable[[Tensor, dict], str | None] | None = None) -> None:
     """Bucket ``params`` by (device, dtypes, step, precision, 8-bit states) and launch once per bucket.
 
     Every parameter is checked before the first launch, so an error leaves everything unchanged.
+    ``stats`` (fp32, ``(len(params), 4)``, zeroed) receives op.telemetry's per-parameter sums
+    (see ``launch``); ``second_moment(p, state)`` names the state summed in the fourth column.
     """
     plans: dict[float, Plan] = {}
     buckets: dict[tuple, tuple[Plan, Bucket]] = {}
@@ -592,14 +643,22 @@ def run(algorithm, optimizer, group: dict, params: Sequence[Tensor], grads: Sequ
                                 "bf16 and fp16 (use backend='foreach')")
         row = [rp.numel(), rp.data_ptr(), rg.data_ptr(), _real(comp).data_ptr() if comp is not None else 0,
                *addresses, *absmaxes]
-        key = (p.device, rp.dtype, rg.dtype, s_dtype, comp is not None, write, coded, signed, step)
+        v_name = second_moment(p, state) if stats is not None and second_moment is not None else None
+        v_slot = plan.slots.index(v_name) if v_name is not None and v_name in plan.slots else -1
+        if v_slot >= 0 and (coded >> v_slot) & 1:  # an 8-bit second moment: left out, as op.telemetry does
+            v_slot = -1
+        key = (p.device, rp.dtype, rg.dtype, s_dtype, comp is not None, write, coded, signed, v_slot, step)
         if key not in buckets:
             buckets[key] = (plan, Bucket(*key[:-1]))
         bucket = buckets[key][1]
         bucket.rows.append(row)
+        bucket.indices.append(index)
         bucket.aligned &= all(address % 16 == 0 for address in row[COL_P:])
     lr, weight_decay = group.get("lr", 0.0), group.get("weight_decay", 0.0)
     wd_mode, wd = _weight_decay(optimizer.weight_decay_mode(group), weight_decay, lr)
     for plan, bucket in buckets.values():
+        sums = None if stats is None else torch.zeros(len(bucket.rows), 4, dtype=torch.float32, device=bucket.device)
         launch(plan, bucket, wd_mode=wd_mode, wd=wd, maximize=bool(group.get("maximize")),
-               grad_scale=grad_scale, clip_coef=clip_coef, found_inf=found_inf)
+               grad_scale=grad_scale, clip_coef=clip_coef, found_inf=found_inf, stats=sums)
+        if sums is not None:
+            stats[bucket.indices] = sums.to(stats.device)
