@@ -24,7 +24,9 @@ gradient is non-finite, naming the unit (the model's module name with ``by="laye
 parameters; each record then lists its ``alerts`` (``Telemetry.alerts`` holds them all).
 
 Cost. Off (the default, or after ``remove()``) it costs nothing: no hook, no attribute, no
-state. On, the steps it does not record cost one torch step pre-hook. A recording step copies
+state. On, the steps it does not record cost one torch step pre-hook. With ``backend="triton"``
+the kernels add the four sums (g^2, update^2, old p^2, v) per tensor while they step (one extra
+reduction in the same pass, no copy; :meth:`Telemetry.add_sums`). Elsewhere a recording step copies
 the stepped parameters once (the update is new minus old: an exact update norm needs the old
 values; on CPU the copy's memory is kept while the recorder is on, as fresh allocations there
 cost page faults), takes the norms as multi-tensor reductions (``torch._foreach_norm``; the

@@ -171,6 +171,8 @@ def test_unavailable_backend_asked_for_explicitly_is_a_clear_error(monkeypatch):
     with pytest.raises(ValueError, match=r"backend.*'triton'.*triton: .*CUDA"):
         op.create_optimizer("adamw", make_params(), backend="triton")
     monkeypatch.setattr(compiled_kernels.shutil, "which", lambda name: None)
+    compiled_kernels.unavailable_reason.cache_clear()  # looked up once per process
+    monkeypatch.setattr(compiled_kernels, "unavailable_reason", compiled_kernels.unavailable_reason.__wrapped__)
     with pytest.raises(ValueError, match=r"backend.*'compiled'.*compiled: no C\+\+ compiler"):
         op.create_optimizer("adamw", make_params(), backend="compiled")
 
@@ -194,9 +196,14 @@ def test_fused_adamw_is_torch_fused_adamw_bit_for_bit(options, dtype):
 @pytest.mark.parametrize("name,torch_cls,options", [
     ("adamw", torch.optim.AdamW, dict(weight_decay=0.1)),
     ("adam", torch.optim.Adam, dict(weight_decay=0.1, amsgrad=True)),  # L2 decay through torch._fused_adam_
+    ("sgd", torch.optim.SGD, dict(momentum=0.9, nesterov=True, weight_decay=0.1)),  # the first step copies g
+    ("sgd", torch.optim.SGD, dict(momentum=0.9, dampening=0.1, maximize=True)),
+    ("sgd", torch.optim.SGD, dict()),  # no momentum buffer
+    ("adagrad", torch.optim.Adagrad, dict(lr_decay=0.01, weight_decay=0.1, initial_accumulator_value=0.1)),
 ])
-def test_adam_and_adamw_auto_run_torch_fused_kernel_bit_for_bit(name, torch_cls, options):
-    """``backend="auto"`` on CPU: plain adam/adamw step with torch's fused kernel (same bits as fused=True)."""
+def test_auto_runs_torch_fused_kernel_bit_for_bit(name, torch_cls, options):
+    """``backend="auto"`` on CPU: adam/adamw, sgd and adagrad step with torch's fused kernel (the same
+    bits as ``fused=True``)."""
     ours, theirs = make_params(), make_params()
     opt = op.create_optimizer(name, ours, lr=0.05, **options)
     ref = torch_cls(theirs, lr=0.05, fused=True, **options)
@@ -213,6 +220,25 @@ def test_adam_and_adamw_auto_run_torch_fused_kernel_bit_for_bit(name, torch_cls,
         set_grads(explicit, i)
         foreach.step()
     assert_params_close(explicit, ours)  # the update of optimizers/adam.py agrees to fp32 rounding
+
+
+def test_torch_fused_path_buckets_mixed_dtypes():
+    """fp32 and fp64 tensors in one group under backend="auto": one torch fused call per dtype, the same
+    bits as torch.optim.SGD(fused=True) (which groups by dtype too)."""
+    def params():
+        mixed = [torch.nn.Parameter(p.detach().double()) if i == 1 else p for i, p in enumerate(make_params())]
+        return mixed + make_params(seed=1)
+
+    ours, theirs = params(), params()
+    opt = op.create_optimizer("sgd", ours, lr=0.05, momentum=0.9)
+    ref = torch.optim.SGD(theirs, lr=0.05, momentum=0.9, fused=True)
+    for i in range(3):
+        set_grads(ours, i)
+        set_grads(theirs, i)
+        opt.step()
+        ref.step()
+    for a, b in zip(ours, theirs):
+        assert a.dtype == b.dtype and torch.equal(a, b)
 
 
 def test_torch_fused_path_is_decided_per_parameter():

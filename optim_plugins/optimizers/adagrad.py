@@ -4,6 +4,7 @@ from __future__ import annotations
 from typing import Any, Iterable, Mapping
 
 import torch
+from torch import Tensor
 
 from .base import Optimizer
 from .common import check_range
@@ -15,6 +16,9 @@ class Adagrad(Optimizer):
     sum += g^2;  p -= lr / (1 + (t - 1) lr_decay) * g / (sqrt(sum) + eps)
 
     Recommended: lr 1e-2; suits sparse features, decays the step size aggressively.
+
+    ``backend="auto"`` steps plain buckets (see ``Optimizer.torch_fused_step``) with torch's fused
+    kernel, ``torch._fused_adagrad_``: the numbers of ``torch.optim.Adagrad(fused=True)`` bit for bit.
 
     Args:
         lr: learning rate.
@@ -49,6 +53,13 @@ class Adagrad(Optimizer):
         value = group["initial_accumulator_value"]
         fill = complex(value, value) if p.is_complex() else value
         return {"sum": torch.full_like(p, fill, dtype=self.state_dtype(p, group), memory_format=torch.preserve_format)}
+
+    def torch_fused_step(self, group: Mapping[str, Any], params: list[Tensor], grads: list[Tensor],
+                         states: list[dict], grad_scale: Tensor | None) -> bool:
+        torch._fused_adagrad_(params, grads, [s["sum"] for s in states], [s["step"] for s in states],
+                              lr=group["lr"], lr_decay=group["lr_decay"], weight_decay=group["weight_decay"],
+                              eps=group["eps"], maximize=group["maximize"], grad_scale=grad_scale, found_inf=None)
+        return True
 
     def update(self, p, g, state, group, step):
         clr = group["lr"] / (1 + (step - 1) * group["lr_decay"])

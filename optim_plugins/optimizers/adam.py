@@ -8,10 +8,6 @@ from torch import Tensor
 
 from .base import Optimizer
 from .common import amsgrad_bound, bias_correction, check_betas, check_range
-from .precision import resolve_compensation
-
-# Devices where torch ships fused Adam/AdamW kernels (``torch._fused_adam(w)_``).
-_TORCH_FUSED_DEVICES = ("cpu", "cuda")
 
 
 class Adam(Optimizer):
@@ -23,10 +19,9 @@ class Adam(Optimizer):
     Recommended: lr 1e-3 (3e-4 for transformers), betas (0.9, 0.999); prefer ``adamw``
     for weight decay.
 
-    ``backend="auto"`` steps with torch's own fused kernel (``torch._fused_adam_`` /
-    ``torch._fused_adamw_``, what ``fused=True`` runs) where it covers the bucket: CPU (and
-    CUDA when the Triton kernels are not available), real float parameters, no Kahan or
-    stochastic compensation, states in the parameter's dtype. There the numbers are those of
+    ``backend="auto"`` steps plain buckets (see ``Optimizer.torch_fused_step``: CPU, and CUDA when
+    the Triton kernels are not available) with torch's own fused kernel (``torch._fused_adam_`` /
+    ``torch._fused_adamw_``, what ``fused=True`` runs): the numbers of
     ``torch.optim.Adam(W)(fused=True)`` bit for bit; other buckets and explicit backends run
     ``update`` below.
 
@@ -66,34 +61,15 @@ class Adam(Optimizer):
     def state_names(self, group):
         return ("exp_avg", "exp_avg_sq", "max_exp_avg_sq") if group["amsgrad"] else ("exp_avg", "exp_avg_sq")
 
-    def _torch_fusable(self, group: Mapping[str, Any], p: Tensor, state: dict) -> bool:
-        """torch's fused kernel covers this parameter (decided per parameter, so that the numbers of
-        one parameter never depend on which others share its bucket, e.g. across sharded ranks)."""
-        if group["backend"] != "auto" or group["foreach"] is not None or p.is_complex():
-            return False
-        if p.device.type not in _TORCH_FUSED_DEVICES or p.dtype not in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
-            return False
-        if resolve_compensation(group["compensation"], p.dtype) is not None or self.state_dtype(p, group) != p.dtype:
-            return False
-        return not self._codecs(p, group, state)
-
-    def _apply(self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor], states: list[dict],
-               per_tensor: bool, compile: bool = False, inv_scale: float | None = None) -> None:
-        fusable = [not per_tensor and self._torch_fusable(group, p, s) for p, s in zip(params, states)]
-        if not all(fusable):
-            rest = [i for i, f in enumerate(fusable) if not f]
-            super()._apply(group, [params[i] for i in rest], [grads[i] for i in rest], [states[i] for i in rest],
-                           per_tensor, compile, inv_scale)
-            if not any(fusable):
-                return
-            params, grads, states = ([xs[i] for i, f in enumerate(fusable) if f] for xs in (params, grads, states))
+    def torch_fused_step(self, group: Mapping[str, Any], params: list[Tensor], grads: list[Tensor],
+                         states: list[dict], grad_scale: Tensor | None) -> bool:
         beta1, beta2 = group["betas"]
         fused = torch._fused_adamw_ if group["decoupled_weight_decay"] else torch._fused_adam_
-        scale = None if inv_scale is None else torch.tensor(1.0 / inv_scale, device=params[0].device)
         fused(params, grads, [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states],
               [s["max_exp_avg_sq"] for s in states] if group["amsgrad"] else [], [s["step"] for s in states],
               amsgrad=group["amsgrad"], lr=group["lr"], beta1=beta1, beta2=beta2, weight_decay=group["weight_decay"],
-              eps=group["eps"], maximize=group["maximize"], grad_scale=scale, found_inf=None)
+              eps=group["eps"], maximize=group["maximize"], grad_scale=grad_scale, found_inf=None)
+        return True
 
     def update(self, p, g, state, group, step):
         beta1, beta2 = group["betas"]

@@ -37,6 +37,7 @@ AVAILABLE_BACKENDS = ("auto", "reference", "foreach", "compiled", "triton")
 # below it Inductor's compile time (seconds per bucket) does not pay off within a typical
 # run (benchmarks/scale.md measures both sides). Small models and the tests stay on foreach.
 COMPILE_THRESHOLD = 2**24
+TORCH_FUSED_DEVICES = ("cpu", "cuda")  # where torch ships its fused optimizer kernels (Optimizer.torch_fused_step)
 NONFINITE_POLICIES = ("propagate", "skip", "raise")
 STATE_DTYPES = {None: None, "param": None, "fp32": torch.float32, "float32": torch.float32,
                 "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
@@ -78,6 +79,10 @@ def _scalar_dtype() -> torch.dtype:
 
 def _is_array(value: Any) -> bool:
     return torch.is_tensor(value) and value.dim() > 0
+
+
+def _is_scalar(value: Any) -> bool:
+    return torch.is_tensor(value) and value.dim() == 0
 
 
 def _real(t: Tensor) -> Tensor:
@@ -181,6 +186,17 @@ class Optimizer(torch.optim.Optimizer):
     def weight_decay_mode(self, group: Mapping[str, Any]) -> WeightDecayMode | None:
         """How ``group["weight_decay"]`` applies: "l2", "decoupled", "fixed" (None: not at all)."""
         return "l2"
+
+    def torch_fused_step(self, group: Mapping[str, Any], params: list[Tensor], grads: list[Tensor],
+                         states: list[dict], grad_scale: Tensor | None) -> bool:
+        """Step ``params`` with torch's own fused kernel for this algorithm, or return False.
+
+        Optional: Adam/AdamW, SGD and Adagrad call ``torch._fused_*_`` (what ``fused=True`` runs)
+        for ``backend="auto"``. The machinery calls it only for plain buckets (real float
+        parameters on CPU/CUDA, no compensation, states in the parameter's dtype, no state codecs;
+        ``step`` already counted); ``grad_scale`` is GradScaler's scale (the kernel divides by it).
+        """
+        return False
 
     def update(self, p, g, state: dict[str, Any], group: Mapping[str, Any], step: float) -> None:
         """The algorithm: update ``p`` and ``state`` in place from gradient ``g``.
@@ -332,10 +348,12 @@ class Optimizer(torch.optim.Optimizer):
         per_tensor = backend == "reference" or not self.capabilities.elementwise
         if per_tensor:  # whole-tensor math (norms, factored moments, matmuls) runs one tensor at a time
             buckets: Iterable[list[int]] = ([i] for i in range(len(params)))
-        else:
+        else:  # one bucket per device, dtype and value of every 0-d state (the update reads them as numbers)
+            scalar_names = sorted(k for k in set().union(*states) - {"step"}
+                                  if _is_scalar(next(s[k] for s in states if k in s)))
             keyed: dict[tuple, list[int]] = defaultdict(list)
             for i, (p, state) in enumerate(zip(params, states)):
-                scalars = tuple(v.item() for v in state.values() if torch.is_tensor(v) and v.dim() == 0)
+                scalars = (state["step"].item(), *(state[k].item() for k in scalar_names if k in state))
                 keyed[(p.device, p.dtype, p.is_complex(), scalars)].append(i)
             buckets = keyed.values()
         probe = self.__dict__.get("_telemetry")  # op.telemetry: set only on its recording steps
@@ -415,8 +433,32 @@ class Optimizer(torch.optim.Optimizer):
             state.update(codec.init(name, state.pop(name)))
         return state
 
+    def _torch_fusable(self, group: Mapping[str, Any], params: list[Tensor], states: list[dict]) -> list[bool]:
+        """Which parameters of a bucket (one device and dtype) may take ``torch_fused_step``: decided per
+        parameter (state codecs), so that a parameter's numbers never depend on the bucket it shares."""
+        p = params[0]
+        if (type(self).torch_fused_step is Optimizer.torch_fused_step or group["backend"] != "auto"
+                or group["foreach"] is not None or p.is_complex() or p.device.type not in TORCH_FUSED_DEVICES
+                or p.dtype not in (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+                or resolve_compensation(group["compensation"], p.dtype) is not None
+                or self.state_dtype(p, group) != p.dtype):
+            return [False] * len(params)
+        if type(self).state_codecs is Optimizer.state_codecs and group.get("state_dtype") in (None, "param"):
+            return [True] * len(params)
+        return [not self._codecs(t, group, s) for t, s in zip(params, states)]
+
     def _apply(self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor], states: list[dict],
                per_tensor: bool, compile: bool = False, inv_scale: float | None = None) -> None:
+        fusable = [False] * len(params) if per_tensor else self._torch_fusable(group, params, states)
+        if any(fusable):
+            chosen = [i for i, f in enumerate(fusable) if f]
+            scale = None if inv_scale is None else torch.tensor(1.0 / inv_scale, device=params[0].device)
+            if self.torch_fused_step(group, [params[i] for i in chosen], [grads[i] for i in chosen],
+                                     [states[i] for i in chosen], scale):
+                rest = [i for i, f in enumerate(fusable) if not f]
+                if not rest:
+                    return
+                params, grads, states = ([xs[i] for i in rest] for xs in (params, grads, states))
         step = states[0]["step"].item()
         dtype = params[0].dtype
         mode = resolve_compensation(group["compensation"], dtype)

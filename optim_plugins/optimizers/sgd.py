@@ -3,6 +3,9 @@ from __future__ import annotations
 
 from typing import Any, Iterable, Mapping
 
+import torch
+from torch import Tensor
+
 from .base import Optimizer
 from .common import check_range
 
@@ -14,6 +17,10 @@ class SGD(Optimizer):
     p -= lr * (g + momentum * buf if nesterov else buf)
 
     Recommended: lr 0.1 with momentum 0.9 for vision (batch 256), weight_decay 1e-4 to 5e-4.
+
+    ``backend="auto"`` steps plain buckets (see ``Optimizer.torch_fused_step``) with torch's fused
+    kernel, ``torch._fused_sgd_``: the numbers of ``torch.optim.SGD(fused=True)`` bit for bit
+    (not with ``decoupled_weight_decay``, which torch's kernel does not know).
 
     Args:
         lr: learning rate.
@@ -55,6 +62,17 @@ class SGD(Optimizer):
 
     def state_names(self, group):
         return ("momentum_buffer",) if group["momentum"] != 0 else ()
+
+    def torch_fused_step(self, group: Mapping[str, Any], params: list[Tensor], grads: list[Tensor],
+                         states: list[dict], grad_scale: Tensor | None) -> bool:
+        if group["decoupled_weight_decay"] and group["weight_decay"]:
+            return False  # torch's kernel knows L2 decay only
+        momentum = group["momentum"]
+        torch._fused_sgd_(params, grads, [s["momentum_buffer"] for s in states] if momentum != 0 else [],
+                          weight_decay=group["weight_decay"], momentum=momentum, lr=group["lr"],
+                          dampening=group["dampening"], nesterov=group["nesterov"], maximize=group["maximize"],
+                          is_first_step=states[0]["step"].item() == 1, grad_scale=grad_scale, found_inf=None)
+        return True
 
     def update(self, p, g, state, group, step):
         momentum = group["momentum"]
