@@ -31,9 +31,9 @@ the stepped parameters once (the update is new minus old: an exact update norm n
 values; on CPU the copy's memory is kept while the recorder is on, as fresh allocations there
 cost page faults), takes the norms as multi-tensor reductions (``torch._foreach_norm``; the
 update in place in the copy) and one sum of v per tensor, keeps them as tensors and syncs once
-per record. These are eager passes: recording every step adds about 40% to a foreach AdamW step
-on a 2-core CPU, but about 4x to the compiled step (one fused loop; the copy alone takes longer),
-see ``benchmarks/telemetry.md``; record every N steps to divide that by N.
+per record. These are eager passes (about 36 bytes per parameter): recording every step adds about
+40% to a foreach AdamW step on a 2-core CPU and 2-2.5x to a step in one fused pass (torch's fused
+kernel, the compiled backend), see ``benchmarks/telemetry.md``; record every N steps to divide that by N.
 Optimizers on this package's base class are measured inside the step machinery (one
 attribute check per group step); any other ``torch.optim.Optimizer`` (torch.optim.*, the
 SAM/Lookahead wrappers) is measured by a step pre-/post-hook pair around the whole step:

@@ -204,22 +204,21 @@ def test_fused_adamw_is_torch_fused_adamw_bit_for_bit(options, dtype):
 def test_auto_runs_torch_fused_kernel_bit_for_bit(name, torch_cls, options):
     """``backend="auto"`` on CPU: adam/adamw, sgd and adagrad step with torch's fused kernel (the same
     bits as ``fused=True``)."""
-    ours, theirs = make_params(), make_params()
-    opt = op.create_optimizer(name, ours, lr=0.05, **options)
-    ref = torch_cls(theirs, lr=0.05, fused=True, **options)
-    for i in range(3):
-        set_grads(ours, i)
-        set_grads(theirs, i)
-        opt.step()
-        ref.step()
+    ours, theirs, explicit = make_params(), make_params(), make_params()
+    step_together(3, (op.create_optimizer(name, ours, lr=0.05, **options), ours),
+                  (torch_cls(theirs, lr=0.05, fused=True, **options), theirs),
+                  (op.create_optimizer(name, explicit, lr=0.05, backend="foreach", **options), explicit))
     for a, b in zip(ours, theirs):
         assert torch.equal(a, b)
-    explicit = make_params()
-    foreach = op.create_optimizer(name, explicit, lr=0.05, backend="foreach", **options)
-    for i in range(3):
-        set_grads(explicit, i)
-        foreach.step()
-    assert_params_close(explicit, ours)  # the update of optimizers/adam.py agrees to fp32 rounding
+    assert_params_close(explicit, ours)  # the optimizer's own update (foreach) agrees to fp32 rounding
+
+
+def step_together(steps: int, *runs: tuple) -> None:
+    """``steps`` steps of each ``(optimizer, params)`` on the same gradients."""
+    for i in range(steps):
+        for opt, params in runs:
+            set_grads(params, i)
+            opt.step()
 
 
 def test_torch_fused_path_buckets_mixed_dtypes():
@@ -230,13 +229,8 @@ def test_torch_fused_path_buckets_mixed_dtypes():
         return mixed + make_params(seed=1)
 
     ours, theirs = params(), params()
-    opt = op.create_optimizer("sgd", ours, lr=0.05, momentum=0.9)
-    ref = torch.optim.SGD(theirs, lr=0.05, momentum=0.9, fused=True)
-    for i in range(3):
-        set_grads(ours, i)
-        set_grads(theirs, i)
-        opt.step()
-        ref.step()
+    step_together(3, (op.create_optimizer("sgd", ours, lr=0.05, momentum=0.9), ours),
+                  (torch.optim.SGD(theirs, lr=0.05, momentum=0.9, fused=True), theirs))
     for a, b in zip(ours, theirs):
         assert a.dtype == b.dtype and torch.equal(a, b)
 

@@ -417,6 +417,16 @@ class Optimizer(torch.optim.Optimizer):
                 return "compiled"
         return "foreach"
 
+    def describe_backend(self, group: Mapping[str, Any]) -> str:
+        """What steps ``group`` now: a backend name, or "torch fused kernel" where ``backend="auto"``
+        hands the parameters to ``torch_fused_step`` (benchmark tables print it)."""
+        params = [p for p in group["params"] if p.grad is not None] or list(group["params"])
+        backend = self.backend_for(group, params)
+        states = [self.state.get(p, {}) for p in params]
+        if backend != "triton" and params and all(self._torch_fusable(group, params, states)):
+            return "torch fused kernel"
+        return backend
+
     def _state_of(self, p: Tensor, group: Mapping[str, Any]) -> dict[str, Any]:
         state = self.state[p]
         if not state:
