@@ -5,9 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch import nn
 
-import optim_plugins as op
 from optim_plugins.telemetry import load
 
 
@@ -58,19 +56,9 @@ def test_lightning_fit_resume_keeps_logging(tmp_path):
     from lightning.pytorch.loggers import CSVLogger
 
     from optim_plugins.integrations.telemetry_callbacks import LightningTelemetryCallback
-    from test_telemetry import make
+    from test_telemetry import lightning_module
 
-    class Module(pl.LightningModule):
-        def __init__(self):
-            super().__init__()
-            self.net = make()
-
-        def training_step(self, batch, batch_idx):
-            x, y = batch
-            return nn.functional.mse_loss(self.net(x), y)
-
-        def configure_optimizers(self):
-            return op.create_optimizer("adamw", self, lr=1e-2)
+    Module = lightning_module(pl)
 
     g = torch.Generator().manual_seed(0)
     # one batch per epoch: every step sees the same data, however Lightning replays a resumed epoch
