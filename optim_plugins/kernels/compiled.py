@@ -409,7 +409,8 @@ def run(update: Callable[..., None], p: list[Tensor], g: list[Tensor], arrays: d
     fn = _compiled(program, mutated, tuple(t.dtype for t in inputs[0]), scalar_dtype)
     scalars = torch.tensor(tape.scalars or [0.0], dtype=scalar_dtype)
     small = [tensors for tensors in inputs if tensors[0].numel() < PACK_BELOW]
-    for tensors in inputs if len(small) < 2 else (t for t in inputs if t[0].numel() >= PACK_BELOW):
+    alone = inputs if len(small) < 2 else [tensors for tensors in inputs if tensors[0].numel() >= PACK_BELOW]
+    for tensors in alone:
         fn([t.view(-1) for t in tensors], scalars)
     if len(small) >= 2:
         _run_packed(fn, small, mutated, scalars)
