@@ -352,10 +352,17 @@ def _compiled(program: tuple, mutated: tuple, dtypes: tuple, scalar_dtype: torch
         code = _replay.__code__.replace(co_name=f"_optimizer_step_{len(_CACHE)}")
         scope = {**_replay.__globals__, "PROGRAM": program, "MUTATED": mutated}
         fn = torch.compile(types.FunctionType(code, scope, code.co_name), fullgraph=True, dynamic=True,
-                           options={"cpp.dynamic_threads": True})
+                           options=_inductor_options())
         _CACHE[key] = fn
         compile_count += 1
     return fn
+
+
+def _inductor_options() -> dict[str, Any]:
+    """``cpp.dynamic_threads`` (see the module docstring) where this torch's Inductor has it."""
+    from torch._inductor import config
+
+    return {"cpp.dynamic_threads": True} if hasattr(config.cpp, "dynamic_threads") else {}
 
 
 @functools.lru_cache(maxsize=None)
