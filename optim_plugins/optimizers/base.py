@@ -462,7 +462,8 @@ class Optimizer(torch.optim.Optimizer):
         fusable = [False] * len(params) if per_tensor else self._torch_fusable(group, params, states)
         if any(fusable):
             chosen = [i for i, f in enumerate(fusable) if f]
-            scale = None if inv_scale is None else torch.tensor(1.0 / inv_scale, device=params[0].device)
+            # GradScaler's own scale tensor (set whenever inv_scale is), not 1 / inv_scale rounded twice
+            scale = None if inv_scale is None else self.grad_scale.to(params[0].device)
             if self.torch_fused_step(group, [params[i] for i in chosen], [grads[i] for i in chosen],
                                      [states[i] for i in chosen], scale):
                 rest = [i for i, f in enumerate(fusable) if not f]
