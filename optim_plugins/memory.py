@@ -6,36 +6,37 @@ counted twice. Parameters and gradients are not state and are not counted.
 """
 from __future__ import annotations
 
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 
 
-def _tensors(value: Any) -> Iterator[torch.Tensor]:
-    if torch.is_tensor(value):
-        yield value
-    elif isinstance(value, dict):
-        for item in value.values():
-            yield from _tensors(item)
-    elif isinstance(value, (list, tuple)):
-        for item in value:
-            yield from _tensors(item)
-
-
-def _storage_key(t: torch.Tensor) -> tuple:
-    storage = t.untyped_storage()
-    return (t.device, storage.data_ptr(), storage.nbytes()) if storage.data_ptr() else ("tensor", id(t))
+def _tensors(value: Any) -> list[torch.Tensor]:
+    """The tensors in a state value (also inside dicts, lists and tuples); a record may count them
+    every step, so plain loops rather than nested generators."""
+    if isinstance(value, torch.Tensor):
+        return [value]
+    items = value.values() if isinstance(value, dict) else value if isinstance(value, (list, tuple)) else ()
+    found = []
+    for item in items:
+        if isinstance(item, torch.Tensor):
+            found.append(item)
+        elif isinstance(item, (dict, list, tuple)):
+            found.extend(_tensors(item))
+    return found
 
 
 def _count(state: Any, seen: set) -> int:
     total = 0
     for t in _tensors(state):
-        if t.device.type == "meta":
+        if t.is_meta:
             continue
-        key = _storage_key(t)
+        storage = t.untyped_storage()
+        pointer, nbytes = storage.data_ptr(), storage.nbytes()
+        key = (t.device, pointer, nbytes) if pointer else ("tensor", id(t))
         if key not in seen:
             seen.add(key)
-            total += t.untyped_storage().nbytes()
+            total += nbytes
     return total
 
 

@@ -24,16 +24,19 @@ gradient is non-finite, naming the unit (the model's module name with ``by="laye
 parameters; each record then lists its ``alerts`` (``Telemetry.alerts`` holds them all).
 
 Cost. Off (the default, or after ``remove()``) it costs nothing: no hook, no attribute, no
-state. On, the steps it does not record cost one torch step pre-hook. With ``backend="triton"``
-the kernels add the four sums (g^2, update^2, old p^2, v) per tensor while they step (one extra
-reduction in the same pass, no copy; :meth:`Telemetry.add_sums`). Elsewhere a recording step copies
+state. On, the steps it does not record cost one torch step pre-hook. A recording step takes the
+four sums (g^2, update^2, old p^2, v) per tensor inside the step's own pass where the step has a
+kernel for it (one extra reduction, no copy; :meth:`Telemetry.add_sums`): the Triton kernels
+(``backend="triton"``), and on CPU, for groups ``backend="auto"`` hands to torch's fused Adam/AdamW
+kernel, the C++ kernel of :mod:`optim_plugins.kernels.cpp` (the same bits as torch's; a few percent
+on a 20M-parameter step, see ``benchmarks/telemetry.md``). Elsewhere a recording step copies
 the stepped parameters once (the update is new minus old: an exact update norm needs the old
 values; on CPU the copy's memory is kept while the recorder is on, as fresh allocations there
 cost page faults), takes the norms as multi-tensor reductions (``torch._foreach_norm``; the
 update in place in the copy) and one sum of v per tensor, keeps them as tensors and syncs once
 per record. These are eager passes (about 36 bytes per parameter): recording every step adds about
-40% to a foreach AdamW step on a 2-core CPU and 2-2.5x to a step in one fused pass (torch's fused
-kernel, the compiled backend), see ``benchmarks/telemetry.md``; record every N steps to divide that by N.
+40% to a foreach AdamW step on a 2-core CPU and 2-3x to the compiled backend's one fused pass;
+record every N steps to divide that by N.
 Optimizers on this package's base class are measured inside the step machinery (one
 attribute check per group step); any other ``torch.optim.Optimizer`` (torch.optim.*, the
 SAM/Lookahead wrappers) is measured by a step pre-/post-hook pair around the whole step:
@@ -53,7 +56,8 @@ import math
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Literal, Mapping
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
@@ -333,32 +337,34 @@ class Telemetry:
             new.append(p.detach().float() + comp if torch.is_tensor(comp) else p.detach())
         torch._foreach_sub_([_real(o) for o in old], [_real(n) for n in new])  # old is our own copy
         update_norms = _norms(old)
-        sums = []
+        sums, counts = [], []
         for p, s in zip(params, states):
             v = _second_moment(p, s)
             sums.append(torch.zeros((), dtype=update_norms.dtype, device=update_norms.device) if v is None else
                         v.detach().sum(dtype=torch.float32 if v.dtype in (torch.bfloat16, torch.float16) else None))
+            counts.append(0 if v is None else p.numel())
         stats = torch.stack([grad_norms, update_norms, weight_norms.to(update_norms.dtype),
                              torch.stack([t.to(update_norms) for t in sums])], dim=1)
-        self._keep(optimizer, group, params, states, stats)
+        self._keep(optimizer, group, params, states, stats, counts)
 
     second_moment_name = staticmethod(_second_moment_name)
 
     def add_sums(self, optimizer: Any, group: Mapping[str, Any], params: list[Tensor],
                  states: list[Mapping[str, Any]], sums: Tensor) -> None:
-        """Sums a fused kernel computed during the step, one row per parameter: g^2, update^2,
-        old p^2 and the second moment named by :meth:`second_moment_name` (Triton backend)."""
+        """Sums a kernel computed during the step, one row per parameter: g^2, update^2, old p^2 and
+        the second moment named by :meth:`second_moment_name` (Triton kernels, the C++ Adam kernel)."""
         if self._acc is None:
             return
         norms = sums[:, :3].clamp_min(0).sqrt()
-        self._keep(optimizer, group, params, states, torch.cat([norms, sums[:, 3:]], dim=1))
+        counts = [0 if _second_moment_name(p, s) is None else p.numel() for p, s in zip(params, states)]
+        self._keep(optimizer, group, params, states, torch.cat([norms, sums[:, 3:]], dim=1), counts)
 
     def _keep(self, optimizer: Any, group: Mapping[str, Any], params: list[Tensor], states: list[Mapping[str, Any]],
-              stats: Tensor) -> None:
-        """Hold one group's per-parameter (grad norm, update norm, weight norm, sum v) until the record."""
+              stats: Tensor, counts: list[int]) -> None:
+        """Hold one group's per-parameter (grad norm, update norm, weight norm, sum v) until the record;
+        ``counts``: the elements of each parameter's second moment (0: none)."""
         effective = getattr(optimizer, "effective_lr", None)
         lrs = [float(effective(group, s)) if effective is not None else float(group.get("lr") or 0.0) for s in states]
-        counts = [0 if _second_moment(p, s) is None else p.numel() for p, s in zip(params, states)]
         self._acc.append(([id(p) for p in params], stats, lrs, counts))
 
     def _record(self, optimizer: Any) -> None:

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 import optim_plugins as op
+from optim_plugins.kernels import cpp as cpp_kernels
 from optim_plugins.telemetry import Telemetry, load, plot_heatmap, telemetry, unit_names
 
 
@@ -390,7 +391,10 @@ def test_bench_suite_telemetry_smoke(tmp_path):
     # adam8bit at 3000 parameters: every tensor is below min_8bit_size, so auto hands them to torch's fused kernel
     expected = (("adamw", "reference"), ("adam8bit", "torch fused kernel"))
     assert [r[:3] for r in rows] == [[n, b, v] for n, b in expected for v in VARIANTS]
+    # how the recording steps measured: the reference backend by a copy, torch's fused path in the C++ kernel
+    in_kernel = "in the step's kernel" if cpp_kernels.unavailable_reason() is None else "copy + norm passes"
+    assert [r[3] for r in rows] == ["-", *["copy + norm passes"] * 2, "-", *[in_kernel] * 2]
     for row in rows:
-        assert float(row[3]) > 0 and float(row[4]) > 0
-        assert row[5] == "-" if row[2] == "off" else row[5].endswith("%")
+        assert float(row[4]) > 0 and float(row[5]) > 0
+        assert row[6] == "-" if row[2] == "off" else row[6].endswith("%")
     assert "one copy of the parameters" in table and "load average" in table

@@ -41,7 +41,7 @@ SECOND_MOMENT = {"adamw": lambda p: True, "lion": lambda p: False, "adam8bit": l
                  "adafactor": lambda p: p.dim() < 2, "came": lambda p: p.dim() < 2}
 
 
-@pytest.mark.parametrize("backend", ["reference", "foreach"])
+@pytest.mark.parametrize("backend", ["reference", "foreach", "auto"])  # auto adamw: the C++ kernel's sums
 @pytest.mark.parametrize("name", list(CASES))
 def test_numbers_equal_recomputation(name, backend):
     model, x, y = model_and_data()

@@ -6,9 +6,11 @@ optimizer per variant over the same tensors (:func:`.speed.make_params`): teleme
 recording every step with ``by="group"`` and ``by="param"``. The steps are
 interleaved (one step of each variant per round, the order rotated each round), so that load
 from other processes hits every variant alike; the overhead is the median of the per-round
-ratios to "off". Two reference passes over the parameters (a copy, a norm) are timed in the
-same rounds: a recording step must copy the parameters once to measure the update exactly, so
-the copy is the floor of the every-step overhead on the multi-tensor (foreach) path.
+ratios to "off". The "measured" column says how the recording steps took their numbers: inside
+the step's kernel (the C++ Adam kernel behind ``auto`` on CPU, :mod:`optim_plugins.kernels.cpp`)
+or by a copy of the parameters and norm passes after the step. Two reference passes over the
+parameters (a copy, a norm) are timed in the same rounds: the copy is the floor of the
+every-step overhead where the step's kernel cannot sum.
 """
 from __future__ import annotations
 
@@ -47,14 +49,14 @@ def measure(names: list[str], total: int, repeats: int = 10, warmup: int = 2) ->
     copies = [torch.empty_like(p) for p in params]
     steps: dict[tuple[str, str], Callable[[], object]] = {}
     backends: dict[str, str] = {}
-    recorders = []
+    recorders = {}
     for label in names:
         name, _, backend = label.partition("@")
         for variant, options in VARIANTS.items():
             # its default options (Adafactor: relative step)
             optimizer = op.create_optimizer(name, params, **({"backend": backend} if backend else {}))
             if options is not None:
-                recorders.append(op.telemetry(optimizer, keep=1, **options))
+                recorders[(label, variant)] = op.telemetry(optimizer, keep=1, **options)
             steps[(label, variant)] = optimizer.step
             describe = getattr(optimizer, "describe_backend", None)
             backends[label] = describe(optimizer.param_groups[0]) if describe else "torch"
@@ -76,15 +78,18 @@ def measure(names: list[str], total: int, repeats: int = 10, warmup: int = 2) ->
                 times[(name, variant)].append(_timed(steps[(name, variant)]))
         for key, fn in references.items():
             ref_times[key].append(_timed(fn))
-    for recorder in recorders:
+    measured = {}
+    for key, recorder in recorders.items():
         assert recorder.history, "telemetry recorded nothing"
+        # the eager recorder keeps its CPU copies of the parameters; the in-step sums need none
+        measured[key] = "copy + norm passes" if recorder._copies else "in the step's kernel"
         recorder.remove()
-    return times, ref_times, (numel, len(params), backends), (load_before, os.getloadavg())
+    return times, ref_times, (numel, len(params), backends, measured), (load_before, os.getloadavg())
 
 
 def markdown(names: list[str], times: dict, ref_times: dict, size: tuple, loads: tuple, command: str) -> str:
     median = statistics.median
-    numel, tensors, backends = size
+    numel, tensors, backends, measured = size
     lines = [
         "# Telemetry overhead",
         "",
@@ -96,8 +101,8 @@ def markdown(names: list[str], times: dict, ref_times: dict, size: tuple, loads:
         f"Parameters: {numel:,} fp32 in {tensors} transformer-like tensors; "
         f"{len(next(iter(times.values())))} interleaved rounds, medians.",
         "",
-        "| optimizer | backend used | telemetry | ms / step | x off (median of per-round ratios) | overhead |",
-        "|---|---|---|---:|---:|---:|",
+        "| optimizer | backend used | telemetry | measured | ms / step | x off (median of per-round ratios) | overhead |",
+        "|---|---|---|---|---:|---:|---:|",
     ]
     for name in names:
         off = times[(name, "off")]
@@ -105,7 +110,8 @@ def markdown(names: list[str], times: dict, ref_times: dict, size: tuple, loads:
             t = times[(name, variant)]
             ratio = median(a / b for a, b in zip(t, off))
             overhead = "-" if variant == "off" else f"{100 * (ratio - 1):+.1f}%"
-            lines.append(f"| {name.partition('@')[0]} | {backends[name]} | {variant} | {1e3 * median(t):.1f} | "
+            how = measured.get((name, variant), "-")
+            lines.append(f"| {name.partition('@')[0]} | {backends[name]} | {variant} | {how} | {1e3 * median(t):.1f} | "
                          f"{ratio:.3f} | {overhead} |")
     lines += ["", "Reference passes, timed in the same rounds (share of each optimizer's step with telemetry off):", "",
               "| pass | ms | " + " | ".join(f"% of {name.partition('@')[0]} ({backends[name]}) step" for name in names) + " |",
@@ -115,18 +121,17 @@ def markdown(names: list[str], times: dict, ref_times: dict, size: tuple, loads:
         lines.append(f"| {key} | {1e3 * median(t):.1f} | {shares} |")
     lines += [
         "",
-        "On CPU a recording step copies the parameters (the update is new minus old), then takes the gradient,",
-        "weight and update norms as `torch._foreach_norm` reductions (the update in place in the copy) and one sum",
-        "of the second moment per tensor, read with one host sync per record: two eager write passes and four read",
-        "passes, about 36 bytes per parameter. Next to a step that moves 28 in one fused pass (torch's fused",
-        "kernel behind `backend=\"auto\"`, or the compiled backend) that costs 2-3 steps; next to a foreach step,",
-        "itself many eager passes, about +60%. An exact update norm needs the old values, so outside the step's own",
-        "kernel it cannot cost less than the copy. The Triton kernels (CUDA) take the four sums inside the step,",
-        "where old p, new p, g and v are in registers: one extra reduction per chunk, no copy (tested under",
-        "TRITON_INTERPRET=1; not timed here, no GPU). On CPU neither torch's fused kernels (closed to us) nor",
-        "Inductor offers that (its code for a sum fused with the update's in-place stores ran 4-10x slower than the",
-        "update alone), so the 5% goal is not met on CPU: record every N steps, which divides the overhead by N",
-        "(the trainer callbacks default to the logging interval: 500 steps in the HF Trainer, 50 in Lightning).",
+        "Where `backend=\"auto\"` hands a group to torch's fused Adam/AdamW kernel, a recording step runs this",
+        "package's C++ kernel instead (`optim_plugins/kernels/cpp`): ATen's fused Adam update operation for",
+        "operation, so the parameters and states are bitwise those of an unrecorded step (tested), plus the four",
+        "sums (g^2, update^2, old p^2, v) taken in the same pass from values already in registers: no copy, no",
+        "second pass. Elsewhere on CPU a recording step copies the parameters (the update is new minus old), then",
+        "takes the gradient, weight and update norms as `torch._foreach_norm` reductions and one sum of the second",
+        "moment per tensor: about 36 bytes per parameter, 2-3 steps next to a step that moves 28 in one fused pass",
+        "(the compiled backend), about +40% next to a foreach step. The Triton kernels (CUDA) take the four sums",
+        "inside the step as well (tested under TRITON_INTERPRET=1; not timed here, no GPU). For the copy path,",
+        "record every N steps, which divides the overhead by N (the trainer callbacks default to the logging",
+        "interval: 500 steps in the HF Trainer, 50 in Lightning).",
     ]
     return "\n".join(lines) + "\n"
 

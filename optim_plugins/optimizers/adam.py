@@ -6,6 +6,7 @@ from typing import Any, Iterable, Mapping
 import torch
 from torch import Tensor
 
+from ..kernels import cpp as cpp_kernels
 from .base import Optimizer
 from .common import amsgrad_bound, bias_correction, check_betas, check_range
 
@@ -63,13 +64,16 @@ class Adam(Optimizer):
 
     def torch_fused_step(self, group: Mapping[str, Any], params: list[Tensor], grads: list[Tensor],
                          states: list[dict], grad_scale: Tensor | None) -> bool:
-        beta1, beta2 = group["betas"]
         fused = torch._fused_adamw_ if group["decoupled_weight_decay"] else torch._fused_adam_
-        fused(params, grads, [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states],
-              [s["max_exp_avg_sq"] for s in states] if group["amsgrad"] else [], [s["step"] for s in states],
-              amsgrad=group["amsgrad"], lr=group["lr"], beta1=beta1, beta2=beta2, weight_decay=group["weight_decay"],
-              eps=group["eps"], maximize=group["maximize"], grad_scale=grad_scale, found_inf=None)
+        fused(params, grads, *_fused_states(group, states), **_fused_options(group), grad_scale=grad_scale,
+              found_inf=None)
         return True
+
+    def fused_step_with_sums(self, group: Mapping[str, Any], params: list[Tensor], grads: list[Tensor],
+                             states: list[dict], grad_scale: Tensor | None, sums: Tensor) -> bool:
+        return cpp_kernels.adam_step_with_sums(params, grads, *_fused_states(group, states), **_fused_options(group),
+                                               decoupled=group["decoupled_weight_decay"], grad_scale=grad_scale,
+                                               sums=sums)
 
     def update(self, p, g, state, group, step):
         beta1, beta2 = group["betas"]
@@ -80,6 +84,18 @@ class Adam(Optimizer):
         step_size = group["lr"] / bias_correction(beta1, step)
         denom = (second_moment.sqrt() / bias_correction(beta2, step) ** 0.5).add_(group["eps"])
         p.addcdiv_(exp_avg, denom, value=-step_size)
+
+
+def _fused_states(group: Mapping[str, Any], states: list[dict]) -> tuple[list[Tensor], ...]:
+    """exp_avgs, exp_avg_sqs, max_exp_avg_sqs and steps, as torch's fused Adam kernels take them."""
+    return ([s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states],
+            [s["max_exp_avg_sq"] for s in states] if group["amsgrad"] else [], [s["step"] for s in states])
+
+
+def _fused_options(group: Mapping[str, Any]) -> dict[str, Any]:
+    beta1, beta2 = group["betas"]
+    return dict(amsgrad=group["amsgrad"], lr=group["lr"], beta1=beta1, beta2=beta2,
+                weight_decay=group["weight_decay"], eps=group["eps"], maximize=group["maximize"])
 
 
 class AdamW(Adam):

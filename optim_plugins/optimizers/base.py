@@ -198,6 +198,18 @@ class Optimizer(torch.optim.Optimizer):
         """
         return False
 
+    def fused_step_with_sums(self, group: Mapping[str, Any], params: list[Tensor], grads: list[Tensor],
+                             states: list[dict], grad_scale: Tensor | None, sums: Tensor) -> bool:
+        """``torch_fused_step``'s step, bit for bit, that also writes ``op.telemetry``'s sums, or False
+        with nothing changed.
+
+        Optional; called on recording steps for groups ``torch_fused_step`` would take whole. Writes
+        one row of ``sums`` (float64, ``[len(params), 4]``) per parameter: g^2 (after unscaling),
+        (new p - old p)^2, old p^2 and the second moment the recorder reads, all from the one pass
+        of the step (Adam/AdamW: the C++ kernel of :mod:`optim_plugins.kernels.cpp`).
+        """
+        return False
+
     def update(self, p, g, state: dict[str, Any], group: Mapping[str, Any], step: float) -> None:
         """The algorithm: update ``p`` and ``state`` in place from gradient ``g``.
 
@@ -361,12 +373,30 @@ class Optimizer(torch.optim.Optimizer):
         if backend == "triton":
             self._triton_step(group, params, grads, states, inv_scale, probe)
             return
+        if probe is not None and not per_tensor and self._step_with_sums(group, params, grads, states, buckets, probe):
+            return
         before = probe.before(self, group, params, grads, states) if probe is not None else None
         for index in buckets:
             bucket = [params[i] for i in index], [grads[i] for i in index], [states[i] for i in index]
             self._apply(group, *bucket, per_tensor, backend == "compiled", inv_scale)
         if before is not None:
             probe.after(self, group, params, states, before)
+
+    def _step_with_sums(self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor], states: list[dict],
+                        buckets: Iterable[list[int]], probe: Any) -> bool:
+        """op.telemetry on a group torch's fused kernel steps whole: ``fused_step_with_sums`` steps it and
+        sums in one pass (else the recorder copies the parameters and measures after the step)."""
+        if type(self).fused_step_with_sums is Optimizer.fused_step_with_sums:
+            return False
+        for index in buckets:
+            if not all(self._torch_fusable(group, [params[i] for i in index], [states[i] for i in index])):
+                return False
+        sums = torch.zeros(len(params), 4, dtype=torch.float64, device=params[0].device)
+        scale = None if self.__dict__.get("_inv_scale") is None else self.grad_scale.to(params[0].device)
+        if not self.fused_step_with_sums(group, params, grads, states, scale, sums):
+            return False
+        probe.add_sums(self, group, params, states, sums)
+        return True
 
     def _triton_step(self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor], states: list[dict],
                      inv_scale: float | None, probe: Any) -> None:

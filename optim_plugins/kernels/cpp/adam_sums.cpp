@@ -1,0 +1,200 @@
+// Adam/AdamW step on CPU that also sums what op.telemetry records, in the same pass.
+//
+// The update follows ATen's CPU fused Adam kernel (what torch.optim.Adam(W)(fused=True) and
+// torch._fused_adam(w)_ run) operation for operation: the same vector width, the same
+// bias corrections in double, the lerp of the first moment written as ATen writes it, the
+// same scalar code for the tail, so that a recording step gives the parameters and states a
+// step without telemetry gives. Per tensor it adds four sums, read from registers the update
+// already holds: g^2 (the gradient after unscaling), (new p - old p)^2, old p^2, and the new
+// second moment v. Sums run in the parameter's dtype over blocks and in double across blocks.
+//
+// ATen's build lets the compiler contract a * b + c into fused multiply-adds; where that decided
+// the bits (the L2 weight decay of the vector code, the second moment of the scalar tail), the
+// fma is written out here, so that the result does not hang on this compiler's choices. The
+// equality with torch._fused_adam(w)_ is tested (tests/test_cpp_kernels.py).
+#include <ATen/core/Tensor.h>
+#include <ATen/Dispatch.h>
+#include <torch/library.h>
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/vec.h>
+#include <ATen/cpu/vec/functional.h>
+
+#include <array>
+#include <cmath>
+#include <vector>
+
+namespace {
+
+struct Coefficients {
+  double lr, beta1, beta2, weight_decay, eps, step_size, bias_correction2_sqrt;
+  bool amsgrad, maximize, decoupled;
+  const float* grad_scale;  // nullptr: gradients are already unscaled
+};
+
+using Sums = std::array<double, 4>;  // g^2, update^2, old p^2, v
+
+template <typename scalar_t>
+void step_range(scalar_t* p, scalar_t* g, scalar_t* m, scalar_t* v, scalar_t* vmax, int64_t size,
+                const Coefficients& c, Sums& sums) {
+  using Vec = at::vec::Vectorized<scalar_t>;
+  const scalar_t weight = scalar_t(1 - c.beta1);  // exp_avg.lerp_(grad, 1 - beta1)
+  const bool small_weight = std::abs(weight) < scalar_t(0.5);
+  const Vec lerp_coeff = small_weight ? Vec(weight) : Vec(weight) - Vec(scalar_t(1));
+  const Vec beta2(scalar_t(c.beta2)), one_minus_beta2(scalar_t(1 - c.beta2));
+  const Vec decay(scalar_t(c.decoupled ? 1 - c.lr * c.weight_decay : c.weight_decay));
+  const Vec bc2_sqrt(scalar_t(c.bias_correction2_sqrt)), eps(scalar_t(c.eps));
+  const Vec neg_step_size(scalar_t(-c.step_size));
+  const bool decay_on = c.weight_decay != 0.f;
+  constexpr int64_t kBlock = 256;  // vectors summed in scalar_t before they are added in double
+  Vec acc_g(0), acc_u(0), acc_p(0), acc_v(0);
+  int64_t in_block = 0;
+  auto flush = [&]() {
+    const Vec* accs[4] = {&acc_g, &acc_u, &acc_p, &acc_v};
+    for (int k = 0; k < 4; ++k) {
+      scalar_t lanes[Vec::size()];
+      accs[k]->store(lanes);
+      for (int64_t i = 0; i < Vec::size(); ++i) sums[k] += double(lanes[i]);
+    }
+    acc_g = acc_u = acc_p = acc_v = Vec(0);
+    in_block = 0;
+  };
+
+  int64_t d = 0;
+  for (; d < size - (size % Vec::size()); d += Vec::size()) {
+    const Vec old_p = Vec::loadu(p + d);
+    Vec param = old_p;
+    Vec grad = Vec::loadu(g + d);
+    if (c.grad_scale) {
+      grad = grad / Vec(scalar_t(*c.grad_scale));
+      grad.store(g + d);
+    }
+    acc_g = acc_g + grad * grad;
+    if (c.maximize) grad = grad * Vec(scalar_t(-1.0));
+    if (decay_on) {
+      if (c.decoupled) param = param * decay;
+      else grad = at::vec::fmadd(param, decay, grad);
+    }
+    Vec exp_avg = Vec::loadu(m + d);
+    const Vec base = small_weight ? exp_avg : grad;
+    exp_avg = at::vec::fmadd(lerp_coeff, grad - exp_avg, base);
+    const Vec exp_avg_sq = Vec::loadu(v + d) * beta2 + one_minus_beta2 * grad * grad;
+    exp_avg.store(m + d);
+    exp_avg_sq.store(v + d);
+    Vec second = exp_avg_sq;
+    if (c.amsgrad) {
+      second = at::vec::maximum(Vec::loadu(vmax + d), exp_avg_sq);
+      second.store(vmax + d);
+    }
+    const Vec denom = (second.sqrt() / bc2_sqrt) + eps;
+    param = param + neg_step_size * exp_avg / denom;
+    param.store(p + d);
+    const Vec change = param - old_p;
+    acc_u = acc_u + change * change;
+    acc_p = acc_p + old_p * old_p;
+    acc_v = acc_v + exp_avg_sq;
+    if (++in_block == kBlock) flush();
+  }
+  flush();
+  for (; d < size; d++) {  // the tail, in ATen's scalar form
+    const scalar_t old_p = p[d];
+    scalar_t grad = g[d];
+    if (c.grad_scale) {
+      grad = g[d] / scalar_t(*c.grad_scale);
+      g[d] = grad;
+    }
+    sums[0] += double(grad) * double(grad);
+    if (c.maximize) grad = -grad;
+    if (decay_on) {
+      if (c.decoupled) p[d] = p[d] * scalar_t(1 - c.lr * c.weight_decay);
+      else grad += p[d] * scalar_t(c.weight_decay);
+    }
+    if (small_weight) {
+      m[d] = m[d] + weight * (grad - m[d]);
+    } else {
+      m[d] = grad - (grad - m[d]) * (scalar_t(1) - weight);
+    }
+    v[d] = std::fma(v[d], scalar_t(c.beta2), scalar_t(1 - c.beta2) * grad * grad);
+    scalar_t denom;
+    if (c.amsgrad) {
+      vmax[d] = std::max(vmax[d], v[d]);
+      denom = std::sqrt(vmax[d]) / scalar_t(c.bias_correction2_sqrt) + scalar_t(c.eps);
+    } else {
+      denom = std::sqrt(v[d]) / scalar_t(c.bias_correction2_sqrt) + scalar_t(c.eps);
+    }
+    p[d] = p[d] - scalar_t(c.step_size) * m[d] / denom;
+    const double change = double(p[d] - old_p);
+    sums[1] += change * change;
+    sums[2] += double(old_p) * double(old_p);
+    sums[3] += double(v[d]);
+  }
+}
+
+template <typename scalar_t>
+void step_tensor(const at::Tensor& p, const at::Tensor& g, const at::Tensor& m, const at::Tensor& v,
+                 const at::Tensor* vmax, const Coefficients& c, double* out) {
+  scalar_t* p_data = p.data_ptr<scalar_t>();
+  scalar_t* g_data = g.data_ptr<scalar_t>();
+  scalar_t* m_data = m.data_ptr<scalar_t>();
+  scalar_t* v_data = v.data_ptr<scalar_t>();
+  scalar_t* vmax_data = vmax ? vmax->data_ptr<scalar_t>() : nullptr;
+  const int64_t numel = p.numel();
+  constexpr int64_t unit = 64 / sizeof(scalar_t);  // ranges start on cache lines, as ATen's do
+  const int64_t units = (numel + unit - 1) / unit;
+  std::vector<Sums> partial(at::get_num_threads(), Sums{0, 0, 0, 0});
+  at::parallel_for(0, units, 0, [&](int64_t begin, int64_t end) {
+    begin *= unit;
+    end = std::min(end * unit, numel);
+    step_range<scalar_t>(p_data + begin, g_data + begin, m_data + begin, v_data + begin,
+                         vmax_data ? vmax_data + begin : nullptr, end - begin, c,
+                         partial[at::get_thread_num()]);
+  });
+  for (const Sums& s : partial)
+    for (int k = 0; k < 4; ++k) out[k] += s[k];
+}
+
+void adam_step_with_sums(const std::vector<at::Tensor>& params, const std::vector<at::Tensor>& grads,
+                         const std::vector<at::Tensor>& exp_avgs, const std::vector<at::Tensor>& exp_avg_sqs,
+                         const std::vector<at::Tensor>& max_exp_avg_sqs, const std::vector<at::Tensor>& steps,
+                         double lr, double beta1, double beta2, double weight_decay, double eps, bool amsgrad,
+                         bool maximize, bool decoupled, const c10::optional<at::Tensor>& grad_scale,
+                         at::Tensor sums) {
+  const size_t n = params.size();
+  TORCH_CHECK(grads.size() == n && exp_avgs.size() == n && exp_avg_sqs.size() == n && steps.size() == n &&
+              (!amsgrad || max_exp_avg_sqs.size() == n), "adam_step_with_sums: lists of different lengths");
+  TORCH_CHECK(sums.scalar_type() == at::kDouble && sums.is_contiguous() && sums.numel() == int64_t(4 * n),
+              "adam_step_with_sums: sums must be a contiguous float64 tensor of shape [n, 4]");
+  const float* scale = nullptr;
+  if (grad_scale.has_value()) {
+    TORCH_CHECK(grad_scale->scalar_type() == at::kFloat && grad_scale->numel() == 1,
+                "adam_step_with_sums: grad_scale must be one float32 value");
+    scale = grad_scale->data_ptr<float>();
+  }
+  for (size_t i = 0; i < n; ++i) {
+    const at::Tensor& p = params[i];
+    std::vector<const at::Tensor*> like_p = {&p, &grads[i], &exp_avgs[i], &exp_avg_sqs[i]};
+    if (amsgrad) like_p.push_back(&max_exp_avg_sqs[i]);
+    for (const at::Tensor* t : like_p) {  // every check before the first tensor is stepped
+      TORCH_CHECK(t->is_contiguous() && t->scalar_type() == p.scalar_type() && t->numel() == p.numel() &&
+                  t->device().is_cpu(), "adam_step_with_sums: tensor ", i,
+                  " is not a contiguous CPU tensor of its parameter's dtype and size");
+    }
+  }
+  double* out = sums.data_ptr<double>();
+  for (size_t i = 0; i < n; ++i) {
+    const double step = steps[i].item<float>();  // as ATen: the step count read as float
+    Coefficients c{lr, beta1, beta2, weight_decay, eps, 0, 0, amsgrad, maximize, decoupled, scale};
+    c.step_size = lr / (1 - std::pow(beta1, step));
+    c.bias_correction2_sqrt = std::sqrt(1 - std::pow(beta2, step));
+    const at::Tensor* vmax = amsgrad ? &max_exp_avg_sqs[i] : nullptr;
+    AT_DISPATCH_FLOATING_TYPES(params[i].scalar_type(), "adam_step_with_sums", [&] {
+      step_tensor<scalar_t>(params[i], grads[i], exp_avgs[i], exp_avg_sqs[i], vmax, c, out + 4 * i);
+    });
+  }
+}
+
+}  // namespace
+
+// torch.ops.optim_plugins.adam_step_with_sums (optim_plugins/kernels/cpp/__init__.py builds and loads it)
+TORCH_LIBRARY(optim_plugins, module) {
+  module.def("adam_step_with_sums", &adam_step_with_sums);
+}

@@ -1,0 +1,140 @@
+"""The C++ Adam/AdamW kernel with op.telemetry's sums (optim_plugins/kernels/cpp).
+
+Independent references: torch's own fused kernels (``torch._fused_adam_`` / ``torch._fused_adamw_``,
+what ``fused=True`` runs), which the kernel must equal bit for bit, and float64 sums written out
+here. The first test builds the kernel (about 10 s on 2 cores, cached afterwards).
+"""
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+import optim_plugins as op
+from optim_plugins.kernels import cpp as cpp_kernels
+
+pytestmark = pytest.mark.skipif(cpp_kernels.unavailable_reason() is not None,
+                                reason=f"C++ kernel not buildable here: {cpp_kernels.unavailable_reason()}")
+
+# sizes around the vector width (8 floats, 4 doubles on AVX2; 16/8 on AVX512) and the tail code
+SIZES = [1, 7, 8, 17, 1023, 1025, 100_003]
+
+
+def tensors(dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    p = [torch.randn(n, generator=g, dtype=dtype) for n in SIZES]
+    grads = [torch.randn(n, generator=g, dtype=dtype) * 3.7 for n in SIZES]
+    m = [torch.randn(n, generator=g, dtype=dtype) * 0.1 for n in SIZES]
+    v = [torch.rand(n, generator=g, dtype=dtype) * 0.1 for n in SIZES]
+    vmax = [x * 1.1 for x in v]
+    steps = [torch.tensor(float(1 + i % 3)) for i in range(len(SIZES))]  # per-tensor step counts differ
+    return p, grads, m, v, vmax, steps
+
+
+def clone(lists):
+    return [[t.clone() for t in ts] for ts in lists]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("decoupled", [True, False])
+@pytest.mark.parametrize("amsgrad,maximize,beta1,weight_decay,scale", [
+    (False, False, 0.9, 0.1, None),
+    (True, False, 0.9, 0.1, None),
+    (False, True, 0.3, 0.0, None),  # 1 - beta1 >= 0.5: the other branch of ATen's lerp
+    (True, False, 0.9, 0.01, 3.7),  # GradScaler's scale, not a power of two: divided and written back
+])
+def test_kernel_equals_torch_fused_adam_bitwise_and_sums_the_step(dtype, decoupled, amsgrad, maximize, beta1,
+                                                                 weight_decay, scale):
+    p, g, m, v, vmax, steps = tensors(dtype)
+    options = dict(amsgrad=amsgrad, lr=1e-3, beta1=beta1, beta2=0.999, weight_decay=weight_decay, eps=1e-8,
+                   maximize=maximize)
+    grad_scale = None if scale is None else torch.tensor(scale)
+    ref = clone([p, g, m, v, vmax])
+    fused = torch._fused_adamw_ if decoupled else torch._fused_adam_
+    fused(*ref[:4], ref[4] if amsgrad else [], [s.clone() for s in steps], **options, grad_scale=grad_scale,
+          found_inf=None)
+    ours = clone([p, g, m, v, vmax])
+    sums = torch.zeros(len(SIZES), 4, dtype=torch.float64)
+    assert cpp_kernels.adam_step_with_sums(*ours[:4], ours[4] if amsgrad else [], steps, **options,
+                                           decoupled=decoupled, grad_scale=grad_scale, sums=sums)
+    for name, expected, got in zip(("param", "grad", "exp_avg", "exp_avg_sq", "max_exp_avg_sq"), ref, ours):
+        for n, e, o in zip(SIZES, expected, got):
+            assert torch.equal(e, o), f"{name} of size {n} differs from torch's fused kernel"
+    unscaled = [x.double() for x in ref[1]]  # the gradient the step used: torch's kernel wrote it back unscaled
+    written = torch.tensor([[float((x ** 2).sum()), float(((new.double() - old.double()) ** 2).sum()),
+                             float((old.double() ** 2).sum()), float(sq.double().sum())]
+                            for x, new, old, sq in zip(unscaled, ours[0], p, ours[3])], dtype=torch.float64)
+    torch.testing.assert_close(sums, written, rtol=1e-5 if dtype == torch.float32 else 1e-12, atol=0)
+
+
+def test_a_bad_tensor_raises_before_any_tensor_is_stepped():
+    p, g, m, v, _, steps = tensors(torch.float32)
+    m[3] = m[3].double()  # the fourth tensor's state has the wrong dtype
+    before = clone([p, m, v])
+    with pytest.raises(RuntimeError, match="tensor 3 is not a contiguous CPU tensor of its parameter's dtype"):
+        cpp_kernels.adam_step_with_sums(p, g, m, v, [], steps, amsgrad=False, lr=1e-3, beta1=0.9, beta2=0.999,
+                                        weight_decay=0.0, eps=1e-8, maximize=False, decoupled=True,
+                                        grad_scale=None, sums=torch.zeros(len(p), 4, dtype=torch.float64))
+    for expected, got in zip(before, [p, m, v]):
+        assert all(torch.equal(e, o) for e, o in zip(expected, got))
+
+
+def test_tensors_it_cannot_take_are_refused_without_a_change():
+    p, g, m, v, _, steps = tensors(torch.float32)
+    strided = [torch.randn(8, 4)[:, ::2]] * 1
+    args = dict(amsgrad=False, lr=1e-3, beta1=0.9, beta2=0.999, weight_decay=0.0, eps=1e-8, maximize=False,
+                decoupled=True, grad_scale=None, sums=torch.zeros(1, 4, dtype=torch.float64))
+    for params in (strided, [p[0].bfloat16()]):
+        copy = [t.clone() for t in params]
+        like = [torch.zeros_like(t) for t in params]
+        assert not cpp_kernels.adam_step_with_sums(params, like, like, like, [], steps[:1], **args)
+        assert all(torch.equal(a, b) for a, b in zip(copy, params))
+
+
+def model():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(16, 32), nn.LayerNorm(32), nn.Linear(32, 3))
+
+
+def train(name, record, steps=4, **options):
+    net = model()
+    optimizer = op.create_optimizer(name, net, lr=1e-2, weight_decay=0.1, **options)
+    recorder = op.telemetry(optimizer, by="param", model=net) if record else None
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(24, 16, generator=g), torch.randint(0, 3, (24,), generator=g)
+    for _ in range(steps):
+        optimizer.zero_grad()
+        nn.functional.cross_entropy(net(x), y).backward()
+        optimizer.step()
+    return net, optimizer, recorder
+
+
+@pytest.mark.parametrize("name,options", [("adamw", {}), ("adam", {}), ("adamw", {"amsgrad": True})])
+def test_recording_steps_give_the_bits_of_unrecorded_ones(name, options, monkeypatch):
+    calls = []
+    kernel = cpp_kernels.adam_step_with_sums
+    monkeypatch.setattr(cpp_kernels, "adam_step_with_sums", lambda *a, **k: calls.append(1) or kernel(*a, **k))
+    plain, optimizer, _ = train(name, False, **options)
+    assert optimizer.describe_backend(optimizer.param_groups[0]) == "torch fused kernel" and not calls
+    recorded, _, recorder = train(name, True, **options)
+    assert len(calls) == 4 * len(optimizer.param_groups)  # every recording step, every group: the kernel
+    assert recorder._copies == {}  # no parameter copy was taken
+    for a, b in zip(plain.parameters(), recorded.parameters()):
+        assert torch.equal(a, b)
+    assert len(recorder.history) == 4 and all(u["update_norm"] > 0 for u in recorder.history[-1]["units"].values())
+
+
+def test_a_failed_build_warns_once_and_records_the_eager_way(monkeypatch):
+    monkeypatch.setattr(cpp_kernels, "_load", lambda: "c++ failed (1): no such header")
+    monkeypatch.setattr(cpp_kernels, "_warned", [])
+    plain, _, _ = train("adamw", False)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        recorded, _, recorder = train("adamw", True)
+    messages = [str(w.message) for w in caught if "could not be built" in str(w.message)]
+    assert len(messages) == 1 and "no such header" in messages[0]
+    assert recorder._copies  # the eager recorder copied the parameters
+    for a, b in zip(plain.parameters(), recorded.parameters()):
+        assert torch.equal(a, b)
