@@ -14,6 +14,7 @@ from torch import nn
 
 import optim_plugins as op
 from optim_plugins.kernels import cpp as cpp_kernels
+from optim_plugins.kernels import quantize
 
 pytestmark = pytest.mark.skipif(cpp_kernels.unavailable_reason() is not None,
                                 reason=f"C++ kernel not buildable here: {cpp_kernels.unavailable_reason()}")
@@ -138,3 +139,46 @@ def test_a_failed_build_warns_once_and_records_the_eager_way(monkeypatch):
     assert recorder._copies  # the eager recorder copied the parameters
     for a, b in zip(plain.parameters(), recorded.parameters()):
         assert torch.equal(a, b)
+
+
+# ----------------------------------------------------------------------------- 8-bit codec
+
+
+def codec_inputs():
+    """Random blocks of every scale, a partial last block, and the values that decide codes: the
+    midpoints themselves (ties go to the lower code), zeros of both signs, subnormals, inf and NaN."""
+    g = torch.Generator().manual_seed(3)
+    pieces = [torch.randn(100_003, generator=g) * torch.logspace(-30, 5, 100_003).roll(7)]
+    for signed in (True, False):
+        code = quantize.dynamic_map(signed)
+        ties = (code[1:] + code[:-1]) / 2
+        pieces += [torch.cat([torch.ones(1), ties, -ties if signed else ties.flip(0)])[:256]]
+    pieces += [torch.tensor([0.0, -0.0, 1e-45, -1e-45, 1e-38, 3.0, -3.0] * 37),
+               torch.tensor([1.0, float("inf"), 2.0] * 86), torch.tensor([1.0, float("nan"), -2.0] * 86)]
+    return torch.cat(pieces)
+
+
+@pytest.mark.parametrize("signed", [True, False])
+@pytest.mark.parametrize("size", [1, 255, 256, 257, 101_392])
+def test_8bit_codec_gives_the_bytes_of_the_eager_code(signed, size, monkeypatch):
+    x = codec_inputs()[:size].clone()
+    if not signed:
+        x = x.abs()
+    native = quantize.quantize_blockwise(x, signed)
+    back = quantize.dequantize_blockwise(*native, signed)
+    monkeypatch.setattr(cpp_kernels, "ready", lambda: False)  # the eager tensor code, as on a machine without a compiler
+    eager = quantize.quantize_blockwise(x, signed)
+    assert torch.equal(native[0], eager[0])
+    torch.testing.assert_close(native[1], eager[1], rtol=0, atol=0, equal_nan=True)
+    torch.testing.assert_close(back, quantize.dequantize_blockwise(*eager, signed), rtol=0, atol=0, equal_nan=True)
+
+
+def test_8bit_optimizer_steps_the_same_with_and_without_the_codec(monkeypatch):
+    plain, native_optimizer, _ = train("adamw8bit", False, steps=3, min_8bit_size=1)  # every state 8-bit
+    monkeypatch.setattr(cpp_kernels, "ready", lambda: False)
+    eager, eager_optimizer, _ = train("adamw8bit", False, steps=3, min_8bit_size=1)
+    for a, b in zip(plain.parameters(), eager.parameters()):
+        assert torch.equal(a, b)
+        native, eager_state = native_optimizer.state[a], eager_optimizer.state[b]
+        assert native["exp_avg"].dtype == torch.uint8
+        assert all(torch.equal(native[k], eager_state[k]) for k in native)

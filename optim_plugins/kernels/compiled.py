@@ -33,7 +33,8 @@ Choices that matter for speed (measured on a 2-core CPU, 20M parameters):
   formula that the weight selects instead of computing both and blending.
 * No reductions in the kernel: Inductor's code for a sum fused with the in-place stores
   (op.telemetry's update norms) ran 4-10x slower than the update alone, so telemetry stays an
-  eager pass here (the Triton kernels do compute it in the step).
+  eager pass here (the Triton kernels, and the C++ Adam kernel behind ``auto`` on CPU, compute it
+  in the step).
 
 Why recording and not ``torch.compile`` of ``update`` directly: Dynamo specialises on
 Python floats that reach ``beta ** step`` (even with ``specialize_float=False``), which
@@ -43,8 +44,9 @@ numbers, so passing 0-d tensors would change every optimizer's math.
 Limits (the bucket then runs on the ``foreach`` path, same numbers): updates that look at
 values (``.item()`` of a bucket, iteration over tensors: per-tensor norms such as AdaNorm),
 operations outside the table below, complex tensors in a 0-d state. Precision (Kahan,
-stochastic rounding, ``state_dtype``) and state codecs stay eager passes around the
-compiled update (correct, but they cost their extra reads and writes). Results equal the
+stochastic rounding, ``state_dtype``) and state codecs stay passes around the compiled
+update (correct, but they cost their extra reads and writes; 8-bit states are decoded and
+coded by the C++ codec of :mod:`optim_plugins.kernels.cpp` on CPU). Results equal the
 reference backend to fp32 rounding, not bit for bit: Inductor may contract ``a * b + c``
 into one rounding and computes ``lerp``/``addcdiv`` with its own operation order. States
 kept in bf16/fp16 (``state_dtype=None`` on bf16 parameters) are computed in fp32 through

@@ -30,6 +30,8 @@ import functools
 import torch
 from torch import Tensor
 
+from . import cpp as cpp_kernels
+
 BLOCK_SIZE = 256
 BLOCK_SIZE_4BIT = 128
 
@@ -140,11 +142,17 @@ def quantize_blockwise_(x: Tensor, codes: Tensor, absmax: Tensor, signed: bool,
     moment would turn ``m / (sqrt(v) + eps)`` into ``m / eps``. (bitsandbytes' CPU quantiser
     floors small magnitudes too, coarser: at 1.6e-5 of absmax unsigned, 2.1e-5 signed.)
     Non-finite values make their block non-finite, as a NaN state propagates in fp32.
+    On CPU the C++ codec of :mod:`optim_plugins.kernels.cpp` does it in one pass (same bytes).
     """
+    kind = "dynamic_signed" if signed else "dynamic_unsigned"
+    if x.device.type == "cpu":
+        _, midpoints, table, steps = _search(kind, x.device)
+        if cpp_kernels.quantize_blockwise_8bit_(x, codes, absmax, table, midpoints, steps, signed, block_size):
+            return
     blocks = _blocks(x.float(), block_size)
     torch.amax(blocks.abs(), dim=1, out=absmax)
     scaled = blocks / absmax.clamp_min(torch.finfo(torch.float32).tiny).unsqueeze(1)
-    index = _code_index(scaled, "dynamic_signed" if signed else "dynamic_unsigned").clamp_(max=255)
+    index = _code_index(scaled, kind).clamp_(max=255)
     if not signed:  # a positive second moment never becomes 0: m / (sqrt(0) + eps) would explode
         index = torch.maximum(index, (scaled > 0).int())
     codes.view(-1).copy_(index.view(-1)[: codes.numel()])
@@ -154,6 +162,10 @@ def dequantize_blockwise(codes: Tensor, absmax: Tensor, signed: bool, block_size
                          out: Tensor | None = None) -> Tensor:
     """The fp32 tensor that ``codes`` and ``absmax`` stand for (written into ``out`` when given)."""
     code = _midpoints(bool(signed), codes.device)[0]
+    if codes.device.type == "cpu":
+        result = out if out is not None else torch.empty(codes.shape, dtype=torch.float32)
+        if cpp_kernels.dequantize_blockwise_8bit(codes, absmax, code, result, block_size):
+            return result
     values = _blocks(code[codes.long()], block_size).mul_(absmax.unsqueeze(1))
     values = values.view(-1)[: codes.numel()].view(codes.shape)
     if out is None:

@@ -37,6 +37,7 @@ AVAILABLE_BACKENDS = ("auto", "reference", "foreach", "compiled", "triton")
 # below it Inductor's compile time (seconds per bucket) does not pay off within a typical
 # run (benchmarks/scale.md measures both sides). Small models and the tests stay on foreach.
 COMPILE_THRESHOLD = 2**24
+DECODED_CHUNK = 2**22  # elements of coded (8/4-bit) states decoded at a time within a bucket
 TORCH_FUSED_DEVICES = ("cpu", "cuda")  # where torch ships its fused optimizer kernels (Optimizer.torch_fused_step)
 NONFINITE_POLICIES = ("propagate", "skip", "raise")
 STATE_DTYPES = {None: None, "param": None, "fp32": torch.float32, "float32": torch.float32,
@@ -115,6 +116,19 @@ def _triton_refusal(optimizer: Any, group: Mapping[str, Any], params: list[Tenso
     if not triton_kernels.supports(optimizer, group):
         return f"triton: no kernel covers {type(optimizer).__name__} with these options and parameters"
     return None
+
+
+def _chunks(sizes: list[int], limit: int) -> list[list[int]]:
+    """Consecutive indices grouped so that each group holds at most ``limit`` elements (or one tensor)."""
+    groups: list[list[int]] = [[]]
+    total = 0
+    for i, n in enumerate(sizes):
+        if groups[-1] and total + n > limit:
+            groups.append([])
+            total = 0
+        groups[-1].append(i)
+        total += n
+    return groups
 
 
 def _decoded(state: Mapping[str, Any], codecs: Mapping[str, StateCodec], dtype: torch.dtype) -> dict[str, Any]:
@@ -500,6 +514,14 @@ class Optimizer(torch.optim.Optimizer):
                 if not rest:
                     return
                 params, grads, states = ([xs[i] for i in rest] for xs in (params, grads, states))
+        chunks = _chunks([p.numel() for p in params], DECODED_CHUNK) if not per_tensor else []
+        if len(chunks) > 1 and any(self._codecs(p, group, s) for p, s in zip(params, states)):
+            # decoded states are fp32 temporaries: stepping a few tensors at a time bounds them (and
+            # keeps them small enough for the allocator to reuse) instead of decoding the whole bucket
+            for index in chunks:
+                self._apply(group, [params[i] for i in index], [grads[i] for i in index], [states[i] for i in index],
+                            per_tensor, compile, inv_scale)
+            return
         step = states[0]["step"].item()
         dtype = params[0].dtype
         mode = resolve_compensation(group["compensation"], dtype)

@@ -1,17 +1,19 @@
-"""C++ CPU kernels, built on first use: the Adam/AdamW step with ``op.telemetry``'s sums in one pass.
+"""C++ CPU kernels, built on first use: where torch's fused kernels are closed to us or eager code is slow.
 
-torch's fused CPU kernels are closed to us: without this, a recording step on them copies the
-parameters and takes norms afterwards (about 36 extra bytes per parameter, 2-3x the step).
-``adam_sums.cpp`` is ATen's fused Adam update (what ``torch._fused_adam(w)_`` runs), operation
-for operation, so a recording step gives the same bits as any other (tested), plus four sums per
-tensor taken from registers the update already holds.
+* ``adam_sums.cpp``: the Adam/AdamW step with ``op.telemetry``'s sums in one pass. Without it a
+  recording step on torch's fused kernel copies the parameters and takes norms afterwards (about
+  36 extra bytes per parameter, 2-3x the step). It is ATen's fused Adam update (what
+  ``torch._fused_adam(w)_`` runs), operation for operation, so a recording step gives the same
+  bits as any other (tested), plus four sums per tensor from registers the update already holds.
+* ``quantize.cpp``: the block-wise 8-bit state codec of :mod:`optim_plugins.kernels.quantize`
+  (absmax, nearest code; and back) in one pass per block, the same bytes as its eager code.
 
-It is compiled once per source, torch version and CPU capability with the C++ compiler found
-(``$CXX``, ``c++``, ``g++`` or ``clang++``; about 10 s on 2 cores) into
-``$XDG_CACHE_HOME/optim_plugins`` (default ``~/.cache/optim_plugins``) and loaded as the torch op
-``torch.ops.optim_plugins.adam_step_with_sums``. Where it cannot be built (no compiler, a CPU
-capability other than AVX2/AVX512, a build error) :func:`adam_step_with_sums` returns False and the
-caller records the eager way; a failed build warns once.
+Both are compiled together, once per source, torch version and CPU capability, with the C++
+compiler found (``$CXX``, ``c++``, ``g++`` or ``clang++``; about 15 s on 2 cores) into
+``$XDG_CACHE_HOME/optim_plugins`` (default ``~/.cache/optim_plugins``) and loaded as torch ops
+(``torch.ops.optim_plugins.*``). Where they cannot be built (no compiler, a CPU capability other
+than AVX2/AVX512, a build error) the functions here return False and the callers take their
+eager code; a failed build warns once.
 """
 from __future__ import annotations
 
@@ -27,7 +29,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-SOURCE = Path(__file__).with_name("adam_sums.cpp")
+SOURCES = sorted(Path(__file__).parent.glob("*.cpp"))
 DTYPES = (torch.float32, torch.float64)
 # the flags ATen compiles its kernels for each CPU capability with (the vector code must match theirs)
 CAPABILITY_FLAGS = {
@@ -56,34 +58,37 @@ def unavailable_reason() -> str | None:
     return None
 
 
-def _command(compiler: str, source: Path, out: Path) -> list[str]:
+def _command(compiler: str, out: Path) -> list[str]:
     from torch.utils.cpp_extension import include_paths, library_paths
 
     includes = [flag for path in include_paths() for flag in ("-isystem", path)]
     libraries = [f"-L{path}" for path in library_paths()]
     return [compiler, "-shared", "-fPIC", "-std=c++20", "-O2", "-fopenmp",
-            *CAPABILITY_FLAGS[torch.backends.cpu.get_cpu_capability()], *includes, str(source),
+            *CAPABILITY_FLAGS[torch.backends.cpu.get_cpu_capability()], *includes, *map(str, SOURCES),
             "-o", str(out), *libraries, "-lc10", "-ltorch_cpu"]
 
 
 @functools.lru_cache(maxsize=None)
 def _load() -> str | None:
-    """Build (once per source, torch and flags) and load the library; None, or the reason it failed."""
+    """Build (once per sources, torch and flags) and load the library; None, or the reason it failed."""
     compiler = _compiler()
-    command = _command(compiler, SOURCE, Path("OUT"))
-    key = hashlib.sha256("\0".join([SOURCE.read_text(), torch.__version__, *command]).encode()).hexdigest()[:16]
-    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "optim_plugins"
-    library = cache / f"adam_sums-{key}.so"
+    command = _command(compiler, Path("OUT"))
+    text = "\0".join([*(source.read_text() for source in SOURCES), torch.__version__, *command])
+    library = _cache_dir() / f"optim_plugins_cpu-{hashlib.sha256(text.encode()).hexdigest()[:16]}.so"
     if not library.exists():
-        cache.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=cache) as tmp:  # built aside, then renamed: safe across processes
+        library.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=library.parent) as tmp:  # built aside, then renamed: safe across processes
             built = Path(tmp) / library.name
-            result = subprocess.run(_command(compiler, SOURCE, built), capture_output=True, text=True)
+            result = subprocess.run(_command(compiler, built), capture_output=True, text=True)
             if result.returncode != 0:
                 return f"{compiler} failed ({result.returncode}): {result.stderr.strip()[-2000:]}"
             os.replace(built, library)
     torch.ops.load_library(str(library))
     return None
+
+
+def _cache_dir() -> Path:
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "optim_plugins"
 
 
 def ready() -> bool:
@@ -93,8 +98,9 @@ def ready() -> bool:
     failure = _load()
     if failure is not None and not _warned:
         _warned.append(failure)
-        warnings.warn(f"optim_plugins: the C++ Adam kernel with telemetry sums could not be built, so "
-                      f"op.telemetry records those steps the eager way: {failure}", RuntimeWarning, stacklevel=3)
+        warnings.warn(f"optim_plugins: the C++ CPU kernels could not be built, so the eager code runs instead "
+                      f"(op.telemetry copies the parameters on Adam steps, 8-bit states are coded by tensor "
+                      f"operations): {failure}", RuntimeWarning, stacklevel=3)
     return failure is None
 
 
@@ -117,4 +123,24 @@ def adam_step_with_sums(params: list[Tensor], grads: list[Tensor], exp_avgs: lis
     torch.ops.optim_plugins.adam_step_with_sums(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, lr,
                                                 beta1, beta2, weight_decay, eps, amsgrad, maximize, decoupled,
                                                 grad_scale, sums)
+    return True
+
+
+def quantize_blockwise_8bit_(x: Tensor, codes: Tensor, absmax: Tensor, table: Tensor, midpoints: Tensor, steps: int,
+                             signed: bool, block_size: int) -> bool:
+    """:func:`optim_plugins.kernels.quantize.quantize_blockwise_` on contiguous CPU float32 ``x``, with the
+    lookup of ``_search`` (``table``, ``midpoints`` + [inf], ``steps``); False where it cannot run."""
+    if not (x.device.type == "cpu" and x.dtype == torch.float32 and x.is_contiguous() and codes.is_contiguous()
+            and absmax.is_contiguous() and table.device.type == "cpu") or not ready():
+        return False
+    torch.ops.optim_plugins.quantize_blockwise_8bit(x, codes, absmax, table, midpoints, steps, signed, block_size)
+    return True
+
+
+def dequantize_blockwise_8bit(codes: Tensor, absmax: Tensor, code: Tensor, out: Tensor, block_size: int) -> bool:
+    """``out = code[codes] * absmax`` per block on contiguous CPU tensors; False where it cannot run."""
+    if not (codes.device.type == "cpu" and codes.is_contiguous() and out.is_contiguous() and out.dtype == torch.float32
+            and code.device.type == "cpu") or not ready():
+        return False
+    torch.ops.optim_plugins.dequantize_blockwise_8bit(codes, absmax, code, out, block_size)
     return True

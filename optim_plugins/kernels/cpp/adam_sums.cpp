@@ -195,6 +195,6 @@ void adam_step_with_sums(const std::vector<at::Tensor>& params, const std::vecto
 }  // namespace
 
 // torch.ops.optim_plugins.adam_step_with_sums (optim_plugins/kernels/cpp/__init__.py builds and loads it)
-TORCH_LIBRARY(optim_plugins, module) {
+TORCH_LIBRARY_FRAGMENT(optim_plugins, module) {
   module.def("adam_step_with_sums", &adam_step_with_sums);
 }
