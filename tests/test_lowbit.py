@@ -479,3 +479,30 @@ def test_muon_use_muon_flag_overrides_shape():
     bad = Muon([{"params": [b], "use_muon": True}])
     with pytest.raises(ValueError, match="matrix"):
         bad.step()
+
+
+@pytest.mark.parametrize("name", ["adamw8bit", "adam4bit"])
+@pytest.mark.parametrize("backend", ["foreach", "compiled"])
+def test_coded_buckets_step_a_few_tensors_at_a_time_without_changing_a_bit(name, backend, monkeypatch):
+    """A bucket's coded states are decoded DECODED_CHUNK elements at a time (bounded temporaries):
+    the same numbers as decoding the whole bucket at once."""
+    from optim_plugins.optimizers import base
+
+    def run():
+        g = torch.Generator().manual_seed(0)
+        params = [torch.nn.Parameter(torch.randn(n, generator=g)) for n in (5000, 300, 7000, 4096, 12000)]
+        optimizer = op.create_optimizer(name, params, lr=1e-2, backend=backend, min_8bit_size=1) \
+            if "8bit" in name else op.create_optimizer(name, params, lr=1e-2, backend=backend, min_4bit_size=1)
+        for step in range(3):
+            for p in params:
+                p.grad = torch.sin(p.detach() * (step + 2))
+            optimizer.step()
+        return params, optimizer
+
+    whole, whole_opt = run()
+    monkeypatch.setattr(base, "DECODED_CHUNK", 6000)  # five tensors -> four chunks
+    assert base._chunks([5000, 300, 7000, 4096, 12000], 6000) == [[0, 1], [2], [3], [4]]
+    chunked, chunked_opt = run()
+    for a, b in zip(whole, chunked):
+        assert torch.equal(a, b)
+        assert all(torch.equal(x, y) for x, y in zip(whole_opt.state[a].values(), chunked_opt.state[b].values()))
