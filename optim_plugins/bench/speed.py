@@ -1,8 +1,8 @@
-"""Step-speed benchmark: ours (every backend) side by side with torch.optim and pytorch_optimizer.
+"""Step-speed benchmark: ours (every backend) side by side with torch.optim, pytorch_optimizer and bitsandbytes.
 
 ``optim-plugins bench --suite speed --optimizers elementwise --params 2e7`` writes
 ``benchmarks/results.md``. For each optimizer the variants (ours per backend, torch's
-implementations, pytorch_optimizer's, and torch's fused AdamW as the baseline) are built on
+implementations, pytorch_optimizer's, bitsandbytes' 8-bit ones, and torch's fused AdamW as the baseline) are built on
 the same tensors (a transformer-like mix of 2-D weights and 1-D biases/norms) and timed
 *interleaved*, one step of each in turn, so that a busy machine slows them alike; each row
 reports the median step time, the ratio to the fused-AdamW steps measured in the same
@@ -14,6 +14,7 @@ rows are measured from 1M parameters (below that, compile time is the whole stor
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import platform
 import statistics
 import sys
@@ -37,6 +38,8 @@ PYTORCH_OPTIMIZER = {
     "ademamix": "AdEMAMix", "adopt": "ADOPT", "signsgd": "SignSGD", "schedulefree_adamw": "ScheduleFreeAdamW",
     "schedulefree_sgd": "ScheduleFreeSGD", "adamax": "AdaMax", "sophiah": "SophiaH",
 }
+# bitsandbytes' class for the 8-bit optimizers (it runs them on CPU too; same block-wise format)
+BITSANDBYTES = {"adam8bit": "Adam8bit", "adamw8bit": "AdamW8bit", "lion8bit": "Lion8bit"}
 TORCH = {"adamw": "AdamW", "adam": "Adam", "sgd": "SGD", "rmsprop": "RMSprop", "adagrad": "Adagrad",
          "nadam": "NAdam", "radam": "RAdam", "adamax": "Adamax"}
 COMPILED_FROM = 1_000_000
@@ -122,6 +125,12 @@ def variants(name: str, backends: tuple[str, ...] = ("reference", "foreach", "co
 
             return _trained(getattr(pytorch_optimizer, cls_name)(ps, lr=1e-3, **extra))
         found[f"pytorch_optimizer {PYTORCH_OPTIMIZER[name]}"] = external
+    if name in BITSANDBYTES and importlib.util.find_spec("bitsandbytes") is not None:
+        def bnb(ps, cls_name=BITSANDBYTES[name]):
+            import bitsandbytes
+
+            return _trained(getattr(bitsandbytes.optim, cls_name)(ps, lr=1e-3))
+        found[f"bitsandbytes {BITSANDBYTES[name]}"] = bnb
     elementwise = op.get_optimizer_spec(name).capabilities.elementwise
     for backend in backends if elementwise else ("reference",):
         found[f"optim_plugins backend={backend}"] = (
@@ -221,10 +230,11 @@ NOTES = [
     "- `adam`, `adamw`, `fused_adamw`, `sgd` and `adagrad` with `backend=auto` (the default) call torch's fused kernel "
     "(`torch._fused_adamw_`, `_fused_sgd_`, ...) on CPU: for adam(w) the same kernel as the baseline, so their "
     "ratio is 1.0 up to noise and host overhead.",
-    "- 8/4-bit optimizers: the compiled update runs between eager decode/encode passes of the codes "
-    "(bytes per param counts the compact states, not those passes); Inductor's code for the quantiser itself "
-    "(gathers from the code map) measured slower than the eager one (58 vs 39 ms per 3.3M elements), so it "
-    "stays eager on CPU.",
+    "- 8/4-bit optimizers: the compiled update runs between decode/encode passes of the codes, a few "
+    "tensors at a time (bytes per param counts the compact states, not those passes). 8-bit codes are "
+    "read and written by the C++ codec (kernels/cpp/quantize.cpp, one pass per block, the bytes of the "
+    "eager code); 4-bit ones still by eager tensor operations. Inductor's code for the quantiser (gathers "
+    "from the code map) measured slower than the eager one (58 vs 39 ms per 3.3M elements).",
     "- Timings on a shared machine are noisy; the ratios come from interleaved rounds, not from separate runs.",
 ]
 

@@ -34,6 +34,15 @@ struct Coefficients {
 using Sums = std::array<double, 4>;  // g^2, update^2, old p^2, v
 
 template <typename scalar_t>
+double sum_lanes(at::vec::Vectorized<scalar_t> acc) {
+  scalar_t lanes[at::vec::Vectorized<scalar_t>::size()];
+  acc.store(lanes);
+  double total = 0;
+  for (scalar_t lane : lanes) total += double(lane);
+  return total;
+}
+
+template <typename scalar_t>
 void step_range(scalar_t* p, scalar_t* g, scalar_t* m, scalar_t* v, scalar_t* vmax, int64_t size,
                 const Coefficients& c, Sums& sums) {
   using Vec = at::vec::Vectorized<scalar_t>;
@@ -45,56 +54,50 @@ void step_range(scalar_t* p, scalar_t* g, scalar_t* m, scalar_t* v, scalar_t* vm
   const Vec bc2_sqrt(scalar_t(c.bias_correction2_sqrt)), eps(scalar_t(c.eps));
   const Vec neg_step_size(scalar_t(-c.step_size));
   const bool decay_on = c.weight_decay != 0.f;
-  constexpr int64_t kBlock = 256;  // vectors summed in scalar_t before they are added in double
-  Vec acc_g(0), acc_u(0), acc_p(0), acc_v(0);
-  int64_t in_block = 0;
-  auto flush = [&]() {
-    const Vec* accs[4] = {&acc_g, &acc_u, &acc_p, &acc_v};
-    for (int k = 0; k < 4; ++k) {
-      scalar_t lanes[Vec::size()];
-      accs[k]->store(lanes);
-      for (int64_t i = 0; i < Vec::size(); ++i) sums[k] += double(lanes[i]);
-    }
-    acc_g = acc_u = acc_p = acc_v = Vec(0);
-    in_block = 0;
-  };
-
+  constexpr int64_t kBlock = 256 * Vec::size();  // elements summed in scalar_t before adding in double
+  const int64_t vector_end = size - (size % Vec::size());
   int64_t d = 0;
-  for (; d < size - (size % Vec::size()); d += Vec::size()) {
-    const Vec old_p = Vec::loadu(p + d);
-    Vec param = old_p;
-    Vec grad = Vec::loadu(g + d);
-    if (c.grad_scale) {
-      grad = grad / Vec(scalar_t(*c.grad_scale));
-      grad.store(g + d);
+  while (d < vector_end) {
+    const int64_t block_end = std::min(vector_end, d + kBlock);
+    Vec acc_g(0), acc_u(0), acc_p(0), acc_v(0);  // locals of the block: they stay in registers
+    for (; d < block_end; d += Vec::size()) {
+      const Vec old_p = Vec::loadu(p + d);
+      Vec param = old_p;
+      Vec grad = Vec::loadu(g + d);
+      if (c.grad_scale) {
+        grad = grad / Vec(scalar_t(*c.grad_scale));
+        grad.store(g + d);
+      }
+      acc_g = acc_g + grad * grad;
+      if (c.maximize) grad = grad * Vec(scalar_t(-1.0));
+      if (decay_on) {
+        if (c.decoupled) param = param * decay;
+        else grad = at::vec::fmadd(param, decay, grad);
+      }
+      Vec exp_avg = Vec::loadu(m + d);
+      const Vec base = small_weight ? exp_avg : grad;
+      exp_avg = at::vec::fmadd(lerp_coeff, grad - exp_avg, base);
+      const Vec exp_avg_sq = Vec::loadu(v + d) * beta2 + one_minus_beta2 * grad * grad;
+      exp_avg.store(m + d);
+      exp_avg_sq.store(v + d);
+      Vec second = exp_avg_sq;
+      if (c.amsgrad) {
+        second = at::vec::maximum(Vec::loadu(vmax + d), exp_avg_sq);
+        second.store(vmax + d);
+      }
+      const Vec denom = (second.sqrt() / bc2_sqrt) + eps;
+      param = param + neg_step_size * exp_avg / denom;
+      param.store(p + d);
+      const Vec change = param - old_p;
+      acc_u = acc_u + change * change;
+      acc_p = acc_p + old_p * old_p;
+      acc_v = acc_v + exp_avg_sq;
     }
-    acc_g = acc_g + grad * grad;
-    if (c.maximize) grad = grad * Vec(scalar_t(-1.0));
-    if (decay_on) {
-      if (c.decoupled) param = param * decay;
-      else grad = at::vec::fmadd(param, decay, grad);
-    }
-    Vec exp_avg = Vec::loadu(m + d);
-    const Vec base = small_weight ? exp_avg : grad;
-    exp_avg = at::vec::fmadd(lerp_coeff, grad - exp_avg, base);
-    const Vec exp_avg_sq = Vec::loadu(v + d) * beta2 + one_minus_beta2 * grad * grad;
-    exp_avg.store(m + d);
-    exp_avg_sq.store(v + d);
-    Vec second = exp_avg_sq;
-    if (c.amsgrad) {
-      second = at::vec::maximum(Vec::loadu(vmax + d), exp_avg_sq);
-      second.store(vmax + d);
-    }
-    const Vec denom = (second.sqrt() / bc2_sqrt) + eps;
-    param = param + neg_step_size * exp_avg / denom;
-    param.store(p + d);
-    const Vec change = param - old_p;
-    acc_u = acc_u + change * change;
-    acc_p = acc_p + old_p * old_p;
-    acc_v = acc_v + exp_avg_sq;
-    if (++in_block == kBlock) flush();
+    sums[0] += sum_lanes(acc_g);
+    sums[1] += sum_lanes(acc_u);
+    sums[2] += sum_lanes(acc_p);
+    sums[3] += sum_lanes(acc_v);
   }
-  flush();
   for (; d < size; d++) {  // the tail, in ATen's scalar form
     const scalar_t old_p = p[d];
     scalar_t grad = g[d];
