@@ -182,3 +182,12 @@ def test_8bit_optimizer_steps_the_same_with_and_without_the_codec(monkeypatch):
         native, eager_state = native_optimizer.state[a], eager_optimizer.state[b]
         assert native["exp_avg"].dtype == torch.uint8
         assert all(torch.equal(native[k], eager_state[k]) for k in native)
+
+
+def test_a_compiler_error_comes_back_as_the_reason(tmp_path, monkeypatch):
+    broken = tmp_path / "broken.cpp"
+    broken.write_text("this is not C++\n")
+    monkeypatch.setattr(cpp_kernels, "SOURCES", [broken])
+    failure = cpp_kernels._build(cpp_kernels._compiler(), tmp_path / "lib.so")
+    assert failure is not None and "failed on broken.cpp" in failure and "error" in failure
+    assert not (tmp_path / "lib.so").exists()

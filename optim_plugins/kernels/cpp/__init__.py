@@ -58,30 +58,46 @@ def unavailable_reason() -> str | None:
     return None
 
 
-def _command(compiler: str, out: Path) -> list[str]:
-    from torch.utils.cpp_extension import include_paths, library_paths
+def _flags() -> list[str]:
+    from torch.utils.cpp_extension import include_paths
 
-    includes = [flag for path in include_paths() for flag in ("-isystem", path)]
-    libraries = [f"-L{path}" for path in library_paths()]
-    return [compiler, "-shared", "-fPIC", "-std=c++20", "-O2", "-fopenmp",
-            *CAPABILITY_FLAGS[torch.backends.cpu.get_cpu_capability()], *includes, *map(str, SOURCES),
-            "-o", str(out), *libraries, "-lc10", "-ltorch_cpu"]
+    return ["-fPIC", "-std=c++20", "-O2", "-fopenmp", *CAPABILITY_FLAGS[torch.backends.cpu.get_cpu_capability()],
+            *(flag for path in include_paths() for flag in ("-isystem", path))]
+
+
+def _build(compiler: str, out: Path) -> str | None:
+    """Compile the sources side by side (one process each), link them into ``out``; None or the error."""
+    from torch.utils.cpp_extension import library_paths
+
+    objects = [out.with_name(f"{source.stem}.o") for source in SOURCES]
+    jobs = [(source, subprocess.Popen([compiler, *_flags(), "-c", str(source), "-o", str(obj)],
+                                      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True))
+            for source, obj in zip(SOURCES, objects)]
+    errors = [(source, job.communicate()[1], job.returncode) for source, job in jobs]  # wait for all
+    for source, error, code in errors:
+        if code != 0:
+            return f"{compiler} failed on {source.name} ({code}): {error.strip()[-2000:]}"
+    link = subprocess.run([compiler, "-shared", "-fopenmp", *map(str, objects), "-o", str(out),
+                           *(f"-L{path}" for path in library_paths()), "-lc10", "-ltorch_cpu"],
+                          capture_output=True, text=True)
+    if link.returncode != 0:
+        return f"{compiler} failed linking ({link.returncode}): {link.stderr.strip()[-2000:]}"
+    return None
 
 
 @functools.lru_cache(maxsize=None)
 def _load() -> str | None:
     """Build (once per sources, torch and flags) and load the library; None, or the reason it failed."""
     compiler = _compiler()
-    command = _command(compiler, Path("OUT"))
-    text = "\0".join([*(source.read_text() for source in SOURCES), torch.__version__, *command])
+    text = "\0".join([*(source.read_text() for source in SOURCES), torch.__version__, compiler, *_flags()])
     library = _cache_dir() / f"optim_plugins_cpu-{hashlib.sha256(text.encode()).hexdigest()[:16]}.so"
     if not library.exists():
         library.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=library.parent) as tmp:  # built aside, then renamed: safe across processes
             built = Path(tmp) / library.name
-            result = subprocess.run(_command(compiler, built), capture_output=True, text=True)
-            if result.returncode != 0:
-                return f"{compiler} failed ({result.returncode}): {result.stderr.strip()[-2000:]}"
+            failure = _build(compiler, built)
+            if failure is not None:
+                return failure
             os.replace(built, library)
     torch.ops.load_library(str(library))
     return None
