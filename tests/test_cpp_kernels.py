@@ -146,20 +146,24 @@ def test_a_failed_build_warns_once_and_records_the_eager_way(monkeypatch):
 
 def codec_inputs():
     """Random blocks of every scale, a partial last block, and the values that decide codes: the
-    midpoints themselves (ties go to the lower code), zeros of both signs, subnormals, inf and NaN."""
+    midpoints themselves in blocks whose absmax is 1 (ties go to the lower code), zeros of both signs,
+    subnormals, inf and NaN."""
     g = torch.Generator().manual_seed(3)
-    pieces = [torch.randn(100_003, generator=g) * torch.logspace(-30, 5, 100_003).roll(7)]
+    pieces = [torch.randn(99_840, generator=g) * torch.logspace(-30, 5, 99_840).roll(7)]  # 390 blocks of 256
     for signed in (True, False):
         code = quantize.dynamic_map(signed)
         ties = (code[1:] + code[:-1]) / 2
         pieces += [torch.cat([torch.ones(1), ties, -ties if signed else ties.flip(0)])[:256]]
+    for code in (quantize.dynamic_map(True, max_exponent_bits=3, total_bits=4), quantize.linear_map(4)):
+        ties = (code[1:] + code[:-1]) / 2  # the 4-bit maps' midpoints, in blocks of 128 whose absmax is 1
+        pieces += [torch.cat([torch.ones(1), ties, ties, -ties, torch.zeros(128 - 1 - 3 * len(ties))])]
     pieces += [torch.tensor([0.0, -0.0, 1e-45, -1e-45, 1e-38, 3.0, -3.0] * 37),
                torch.tensor([1.0, float("inf"), 2.0] * 86), torch.tensor([1.0, float("nan"), -2.0] * 86)]
     return torch.cat(pieces)
 
 
 @pytest.mark.parametrize("signed", [True, False])
-@pytest.mark.parametrize("size", [1, 255, 256, 257, 101_392])
+@pytest.mark.parametrize("size", [1, 255, 256, 257, None])
 def test_8bit_codec_gives_the_bytes_of_the_eager_code(signed, size, monkeypatch):
     x = codec_inputs()[:size].clone()
     if not signed:
@@ -173,10 +177,47 @@ def test_8bit_codec_gives_the_bytes_of_the_eager_code(signed, size, monkeypatch)
     torch.testing.assert_close(back, quantize.dequantize_blockwise(*eager, signed), rtol=0, atol=0, equal_nan=True)
 
 
-def test_8bit_optimizer_steps_the_same_with_and_without_the_codec(monkeypatch):
-    plain, native_optimizer, _ = train("adamw8bit", False, steps=3, min_8bit_size=1)  # every state 8-bit
+@pytest.mark.parametrize("signed", [True, False])
+@pytest.mark.parametrize("size", [1, 127, 128, 129, None])
+def test_4bit_block_codec_gives_the_bytes_of_the_eager_code(signed, size, monkeypatch):
+    x = codec_inputs()[:size].clone()
+    if not signed:
+        x = x.abs()
+    packed = torch.empty(quantize.num_bytes_4bit(x.numel()), dtype=torch.uint8)
+    absmax = torch.empty(quantize.num_blocks(x.numel(), quantize.BLOCK_SIZE_4BIT))
+    quantize.quantize_4bit_blockwise_(x, packed, absmax, signed)
+    back = quantize.dequantize_4bit_blockwise(packed, absmax, x.shape, signed)
     monkeypatch.setattr(cpp_kernels, "ready", lambda: False)
-    eager, eager_optimizer, _ = train("adamw8bit", False, steps=3, min_8bit_size=1)
+    eager_packed, eager_absmax = torch.empty_like(packed), torch.empty_like(absmax)
+    quantize.quantize_4bit_blockwise_(x, eager_packed, eager_absmax, signed)
+    assert torch.equal(packed, eager_packed)
+    torch.testing.assert_close(absmax, eager_absmax, rtol=0, atol=0, equal_nan=True)
+    eager_back = quantize.dequantize_4bit_blockwise(eager_packed, eager_absmax, x.shape, signed)
+    torch.testing.assert_close(back, eager_back, rtol=0, atol=0, equal_nan=True)
+
+
+@pytest.mark.parametrize("shape", [(64, 33), (5, 7, 9)])  # an odd element count: the last byte's low nibble is 0
+def test_4bit_rank1_codec_gives_the_bytes_of_the_eager_code(shape, monkeypatch):
+    g = torch.Generator().manual_seed(5)
+    x = torch.rand(shape, generator=g) ** 4
+    x.view(-1)[:3] = torch.tensor([0.0, 1e-45, float("inf")])
+    packed = torch.empty(quantize.num_bytes_4bit(x.numel()), dtype=torch.uint8)
+    maxima = torch.empty(sum(shape))
+    quantize.quantize_4bit_rank1_(x, packed, maxima)
+    back = quantize.dequantize_4bit_rank1(packed, maxima, x.shape)
+    monkeypatch.setattr(cpp_kernels, "ready", lambda: False)
+    eager_packed, eager_maxima = torch.empty_like(packed), torch.empty_like(maxima)
+    quantize.quantize_4bit_rank1_(x, eager_packed, eager_maxima)
+    assert torch.equal(packed, eager_packed) and torch.equal(maxima, eager_maxima)
+    torch.testing.assert_close(back, quantize.dequantize_4bit_rank1(eager_packed, eager_maxima, x.shape),
+                               rtol=0, atol=0, equal_nan=True)
+
+
+@pytest.mark.parametrize("name,options", [("adamw8bit", {"min_8bit_size": 1}), ("adamw4bit", {"min_4bit_size": 1})])
+def test_low_bit_optimizers_step_the_same_with_and_without_the_codec(name, options, monkeypatch):
+    plain, native_optimizer, _ = train(name, False, steps=3, **options)  # every state coded
+    monkeypatch.setattr(cpp_kernels, "ready", lambda: False)
+    eager, eager_optimizer, _ = train(name, False, steps=3, **options)
     for a, b in zip(plain.parameters(), eager.parameters()):
         assert torch.equal(a, b)
         native, eager_state = native_optimizer.state[a], eager_optimizer.state[b]

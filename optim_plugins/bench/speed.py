@@ -231,10 +231,10 @@ NOTES = [
     "(`torch._fused_adamw_`, `_fused_sgd_`, ...) on CPU: for adam(w) the same kernel as the baseline, so their "
     "ratio is 1.0 up to noise and host overhead.",
     "- 8/4-bit optimizers: the compiled update runs between decode/encode passes of the codes, a few "
-    "tensors at a time (bytes per param counts the compact states, not those passes). 8-bit codes are "
+    "tensors at a time (bytes per param counts the compact states, not those passes). The codes are "
     "read and written by the C++ codec (kernels/cpp/quantize.cpp, one pass per block, the bytes of the "
-    "eager code); 4-bit ones still by eager tensor operations. Inductor's code for the quantiser (gathers "
-    "from the code map) measured slower than the eager one (58 vs 39 ms per 3.3M elements).",
+    "eager code; 4-bit rank-1 scaling stays eager). Inductor's code for the quantiser (gathers from the "
+    "code map) measured slower than the eager one (58 vs 39 ms per 3.3M elements).",
     "- Timings on a shared machine are noisy; the ratios come from interleaved rounds, not from separate runs.",
 ]
 

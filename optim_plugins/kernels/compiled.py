@@ -45,7 +45,7 @@ Limits (the bucket then runs on the ``foreach`` path, same numbers): updates tha
 values (``.item()`` of a bucket, iteration over tensors: per-tensor norms such as AdaNorm),
 operations outside the table below, complex tensors in a 0-d state. Precision (Kahan,
 stochastic rounding, ``state_dtype``) and state codecs stay passes around the compiled
-update (correct, but they cost their extra reads and writes; 8-bit states are decoded and
+update (correct, but they cost their extra reads and writes; 8/4-bit states are decoded and
 coded by the C++ codec of :mod:`optim_plugins.kernels.cpp` on CPU). Results equal the
 reference backend to fp32 rounding, not bit for bit: Inductor may contract ``a * b + c``
 into one rounding and computes ``lerp``/``addcdiv`` with its own operation order. States

@@ -21,7 +21,9 @@ normalisation: element (i, j) is scaled by min(max of row i, max of column j) (a
 tensors, the minimum over the maxima of every dimension); 1-D tensors fall back to blocks of 128.
 
 Every value becomes the index of the nearest code (ties to the lower code), found exactly and
-fast by :func:`_code_index`. Functions take tensors only (no optimizer objects).
+fast by :func:`_code_index`. Functions take tensors only (no optimizer objects). On CPU the C++
+codec of :mod:`optim_plugins.kernels.cpp` does each quantiser and dequantiser in one pass per
+block (the same bytes; this module's tensor code runs elsewhere and where it cannot be built).
 """
 from __future__ import annotations
 
@@ -142,13 +144,11 @@ def quantize_blockwise_(x: Tensor, codes: Tensor, absmax: Tensor, signed: bool,
     moment would turn ``m / (sqrt(v) + eps)`` into ``m / eps``. (bitsandbytes' CPU quantiser
     floors small magnitudes too, coarser: at 1.6e-5 of absmax unsigned, 2.1e-5 signed.)
     Non-finite values make their block non-finite, as a NaN state propagates in fp32.
-    On CPU the C++ codec of :mod:`optim_plugins.kernels.cpp` does it in one pass (same bytes).
     """
     kind = "dynamic_signed" if signed else "dynamic_unsigned"
-    if x.device.type == "cpu":
-        _, midpoints, table, steps = _search(kind, x.device)
-        if cpp_kernels.quantize_blockwise_8bit_(x, codes, absmax, table, midpoints, steps, signed, block_size):
-            return
+    if x.device.type == "cpu" and cpp_kernels.quantize_blockwise_(x, codes, absmax, _search(kind, x.device),
+                                                                  block_size, bits=8, positive_not_zero=not signed):
+        return
     blocks = _blocks(x.float(), block_size)
     torch.amax(blocks.abs(), dim=1, out=absmax)
     scaled = blocks / absmax.clamp_min(torch.finfo(torch.float32).tiny).unsqueeze(1)
@@ -164,7 +164,7 @@ def dequantize_blockwise(codes: Tensor, absmax: Tensor, signed: bool, block_size
     code = _midpoints(bool(signed), codes.device)[0]
     if codes.device.type == "cpu":
         result = out if out is not None else torch.empty(codes.shape, dtype=torch.float32)
-        if cpp_kernels.dequantize_blockwise_8bit(codes, absmax, code, result, block_size):
+        if cpp_kernels.dequantize_blockwise(codes, absmax, code, result, block_size, bits=8):
             return result
     values = _blocks(code[codes.long()], block_size).mul_(absmax.unsqueeze(1))
     values = values.view(-1)[: codes.numel()].view(codes.shape)
@@ -213,6 +213,10 @@ def quantize_4bit_blockwise_(x: Tensor, packed: Tensor, absmax: Tensor, signed: 
     ``signed=True``: the dynamic-exponent map (first moment); False: the linear map without
     zero (second moment), so a value below 1/32 of its block's absmax becomes 1/16 of it.
     """
+    search = _search(_map_4bit(signed), x.device)
+    if x.device.type == "cpu" and cpp_kernels.quantize_blockwise_(x, packed, absmax, search, block_size, bits=4,
+                                                                  positive_not_zero=False):
+        return
     blocks = _blocks(x.float(), block_size)
     torch.amax(blocks.abs(), dim=1, out=absmax)
     scaled = blocks / absmax.clamp_min(torch.finfo(torch.float32).tiny).unsqueeze(1)
@@ -224,6 +228,10 @@ def dequantize_4bit_blockwise(packed: Tensor, absmax: Tensor, shape: torch.Size,
     """The fp32 tensor of ``shape`` that ``packed`` and ``absmax`` stand for."""
     code = _search(_map_4bit(signed), packed.device)[0]
     numel = torch.Size(shape).numel()
+    if packed.device.type == "cpu":
+        out = torch.empty(shape, dtype=torch.float32)
+        if cpp_kernels.dequantize_blockwise(packed, absmax, code, out, block_size, bits=4):
+            return out
     values = _blocks(code[unpack_4bit(packed, numel)], block_size).mul_(absmax.unsqueeze(1))
     return values.view(-1)[:numel].view(shape)
 
@@ -250,10 +258,18 @@ def quantize_4bit_rank1_(x: Tensor, packed: Tensor, maxima: Tensor) -> None:
     ``maxima`` (fp32, ``sum(x.shape)``) receives :func:`rank1_maxima`. In place."""
     maxima.copy_(rank1_maxima(x))
     scaled = x.float() / rank1_scale(maxima, x.shape).clamp_min(torch.finfo(torch.float32).tiny)
+    search = _search("linear4", x.device)
+    if x.device.type == "cpu" and cpp_kernels.quantize_blockwise_(scaled, packed, None, search, BLOCK_SIZE_4BIT,
+                                                                  bits=4, positive_not_zero=False):
+        return
     packed.copy_(pack_4bit(_code_index(scaled, "linear4")))
 
 
 def dequantize_4bit_rank1(packed: Tensor, maxima: Tensor, shape: torch.Size) -> Tensor:
     """The fp32 tensor of ``shape`` that ``packed`` and the rank-1 ``maxima`` stand for."""
     code = _search("linear4", packed.device)[0]
+    if packed.device.type == "cpu":
+        values = torch.empty(shape, dtype=torch.float32)
+        if cpp_kernels.dequantize_blockwise(packed, None, code, values, BLOCK_SIZE_4BIT, bits=4):
+            return values.mul_(rank1_scale(maxima, shape))
     return code[unpack_4bit(packed, torch.Size(shape).numel())].view(shape) * rank1_scale(maxima, shape)

@@ -5,8 +5,8 @@
   36 extra bytes per parameter, 2-3x the step). It is ATen's fused Adam update (what
   ``torch._fused_adam(w)_`` runs), operation for operation, so a recording step gives the same
   bits as any other (tested), plus four sums per tensor from registers the update already holds.
-* ``quantize.cpp``: the block-wise 8-bit state codec of :mod:`optim_plugins.kernels.quantize`
-  (absmax, nearest code; and back) in one pass per block, the same bytes as its eager code.
+* ``quantize.cpp``: the 8-bit and 4-bit state codecs of :mod:`optim_plugins.kernels.quantize`
+  (absmax, nearest code, packing; and back) in one pass per block, the same bytes as its eager code.
 
 Both are compiled together, once per source, torch version and CPU capability, with the C++
 compiler found (``$CXX``, ``c++``, ``g++`` or ``clang++``; about 15 s on 2 cores) into
@@ -115,7 +115,7 @@ def ready() -> bool:
     if failure is not None and not _warned:
         _warned.append(failure)
         warnings.warn(f"optim_plugins: the C++ CPU kernels could not be built, so the eager code runs instead "
-                      f"(op.telemetry copies the parameters on Adam steps, 8-bit states are coded by tensor "
+                      f"(op.telemetry copies the parameters on Adam steps, 8/4-bit states are coded by tensor "
                       f"operations): {failure}", RuntimeWarning, stacklevel=3)
     return failure is None
 
@@ -142,21 +142,33 @@ def adam_step_with_sums(params: list[Tensor], grads: list[Tensor], exp_avgs: lis
     return True
 
 
-def quantize_blockwise_8bit_(x: Tensor, codes: Tensor, absmax: Tensor, table: Tensor, midpoints: Tensor, steps: int,
-                             signed: bool, block_size: int) -> bool:
-    """:func:`optim_plugins.kernels.quantize.quantize_blockwise_` on contiguous CPU float32 ``x``, with the
-    lookup of ``_search`` (``table``, ``midpoints`` + [inf], ``steps``); False where it cannot run."""
+def quantize_blockwise_(x: Tensor, codes: Tensor, absmax: Tensor | None, search: tuple[Tensor, Tensor, Tensor, int],
+                        block_size: int, bits: int, positive_not_zero: bool) -> bool:
+    """The quantisers of :mod:`optim_plugins.kernels.quantize` on contiguous CPU float32 ``x``: ``codes``
+    (uint8; ``bits=4``: two per byte) and, when ``absmax`` is given, one absmax per block (else ``x`` is
+    already scaled); ``search`` is ``_search``'s ``(code, midpoints + [inf], table, steps)`` of the map.
+    False, with nothing written, where it cannot run."""
+    _, midpoints, table, steps = search
     if not (x.device.type == "cpu" and x.dtype == torch.float32 and x.is_contiguous() and codes.is_contiguous()
-            and absmax.is_contiguous() and table.device.type == "cpu") or not ready():
+            and (absmax is None or absmax.is_contiguous()) and table.device.type == "cpu"
+            and (bits == 8 or block_size % 2 == 0)) or not ready():
         return False
-    torch.ops.optim_plugins.quantize_blockwise_8bit(x, codes, absmax, table, midpoints, steps, signed, block_size)
+    torch.ops.optim_plugins.quantize_blockwise(x, codes, absmax if absmax is not None else _NONE, table, midpoints,
+                                               steps, absmax is not None, positive_not_zero, block_size, bits)
     return True
 
 
-def dequantize_blockwise_8bit(codes: Tensor, absmax: Tensor, code: Tensor, out: Tensor, block_size: int) -> bool:
-    """``out = code[codes] * absmax`` per block on contiguous CPU tensors; False where it cannot run."""
+def dequantize_blockwise(codes: Tensor, absmax: Tensor | None, code: Tensor, out: Tensor, block_size: int,
+                         bits: int) -> bool:
+    """``out = code[codes]`` times the block's ``absmax`` (when given) on contiguous CPU tensors; False
+    where it cannot run."""
     if not (codes.device.type == "cpu" and codes.is_contiguous() and out.is_contiguous() and out.dtype == torch.float32
-            and code.device.type == "cpu") or not ready():
+            and code.device.type == "cpu" and (absmax is None or absmax.is_contiguous())
+            and (bits == 8 or block_size % 2 == 0)) or not ready():
         return False
-    torch.ops.optim_plugins.dequantize_blockwise_8bit(codes, absmax, code, out, block_size)
+    torch.ops.optim_plugins.dequantize_blockwise(codes, absmax if absmax is not None else _NONE, code, out,
+                                                 absmax is not None, block_size, bits)
     return True
+
+
+_NONE = torch.empty(0)  # the absmax argument where values are not scaled per block
