@@ -28,8 +28,8 @@ state. On, the steps it does not record cost one torch step pre-hook. A recordin
 four sums (g^2, update^2, old p^2, v) per tensor inside the step's own pass where the step has a
 kernel for it (one extra reduction, no copy; :meth:`Telemetry.add_sums`): the Triton kernels
 (``backend="triton"``), and on CPU, for groups ``backend="auto"`` hands to torch's fused Adam/AdamW
-kernel, the C++ kernel of :mod:`optim_plugins.kernels.cpp` (the same bits as torch's; a few percent
-on a 20M-parameter step, see ``benchmarks/telemetry.md``). Elsewhere a recording step copies
+or SGD kernel, the C++ kernels of :mod:`optim_plugins.kernels.cpp` (the same bits as torch's; +4% to
++11% of a 20M-parameter AdamW step, see ``benchmarks/telemetry.md``). Elsewhere a recording step copies
 the stepped parameters once (the update is new minus old: an exact update norm needs the old
 values; on CPU the copy's memory is kept while the recorder is on, as fresh allocations there
 cost page faults), takes the norms as multi-tensor reductions (``torch._foreach_norm``; the
@@ -352,7 +352,7 @@ class Telemetry:
     def add_sums(self, optimizer: Any, group: Mapping[str, Any], params: list[Tensor],
                  states: list[Mapping[str, Any]], sums: Tensor) -> None:
         """Sums a kernel computed during the step, one row per parameter: g^2, update^2, old p^2 and
-        the second moment named by :meth:`second_moment_name` (Triton kernels, the C++ Adam kernel)."""
+        the second moment named by :meth:`second_moment_name` (Triton kernels, the C++ Adam/SGD kernels)."""
         if self._acc is None:
             return
         norms = sums[:, :3].clamp_min(0).sqrt()

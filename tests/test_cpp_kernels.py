@@ -1,8 +1,11 @@
-"""The C++ Adam/AdamW kernel with op.telemetry's sums (optim_plugins/kernels/cpp).
+"""The C++ CPU kernels (optim_plugins/kernels/cpp): the Adam/AdamW and SGD steps with op.telemetry's
+sums, and the 8/4-bit state codecs.
 
-Independent references: torch's own fused kernels (``torch._fused_adam_`` / ``torch._fused_adamw_``,
-what ``fused=True`` runs), which the kernel must equal bit for bit, and float64 sums written out
-here. The first test builds the kernel (about 10 s on 2 cores, cached afterwards).
+Independent references: torch's own fused kernels (``torch._fused_adam_`` / ``torch._fused_adamw_`` /
+``torch._fused_sgd_``, what ``fused=True`` runs), which the step kernels must equal bit for bit,
+float64 sums written out here, and this package's eager quantisers (themselves tested against
+bitsandbytes and the papers' quantisers in tests/test_lowbit.py), whose bytes the codecs must give.
+The first test builds the library (about 20 s on 2 cores, cached afterwards).
 """
 from __future__ import annotations
 
@@ -70,6 +73,36 @@ def test_kernel_equals_torch_fused_adam_bitwise_and_sums_the_step(dtype, decoupl
     torch.testing.assert_close(sums, written, rtol=1e-5 if dtype == torch.float32 else 1e-12, atol=0)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("weight_decay,momentum,dampening,nesterov,maximize,first,scale", [
+    (0.0, 0.0, 0.0, False, False, False, None),  # plain SGD
+    (0.1, 0.9, 0.0, False, False, True, None),  # first step: the momentum starts from the gradient
+    (0.1, 0.9, 0.2, False, True, False, None),
+    (0.1, 0.9, 0.0, True, False, False, 3.7),  # Nesterov, GradScaler's scale (divided and written back)
+])
+def test_sgd_kernel_equals_torch_fused_sgd_bitwise_and_sums_the_step(dtype, weight_decay, momentum, dampening,
+                                                                     nesterov, maximize, first, scale):
+    p, g, m, _, _, _ = tensors(dtype)
+    options = dict(weight_decay=weight_decay, momentum=momentum, lr=0.01, dampening=dampening, nesterov=nesterov,
+                   maximize=maximize)
+    grad_scale = None if scale is None else torch.tensor(scale)
+    ref = clone([p, g, m])
+    torch._fused_sgd_(*ref[:2], ref[2] if momentum else [], **options, is_first_step=first, grad_scale=grad_scale,
+                      found_inf=None)
+    ours = clone([p, g, m])
+    sums = torch.zeros(len(SIZES), 4, dtype=torch.float64)
+    steps = [torch.tensor(1.0 if first else 4.0) for _ in SIZES]
+    assert cpp_kernels.sgd_step_with_sums(*ours[:2], ours[2] if momentum else [], steps, **options,
+                                          grad_scale=grad_scale, sums=sums)
+    for name, expected, got in zip(("param", "grad", "momentum_buffer"), ref, ours):
+        for n, e, o in zip(SIZES, expected, got):
+            assert torch.equal(e, o), f"{name} of size {n} differs from torch's fused kernel"
+    written = torch.tensor([[float((x.double() ** 2).sum()), float(((new.double() - old.double()) ** 2).sum()),
+                             float((old.double() ** 2).sum()), 0.0] for x, new, old in zip(ref[1], ours[0], p)],
+                           dtype=torch.float64)
+    torch.testing.assert_close(sums, written, rtol=1e-5 if dtype == torch.float32 else 1e-12, atol=0)
+
+
 def test_a_bad_tensor_raises_before_any_tensor_is_stepped():
     p, g, m, v, _, steps = tensors(torch.float32)
     m[3] = m[3].double()  # the fourth tensor's state has the wrong dtype
@@ -112,11 +145,13 @@ def train(name, record, steps=4, **options):
     return net, optimizer, recorder
 
 
-@pytest.mark.parametrize("name,options", [("adamw", {}), ("adam", {}), ("adamw", {"amsgrad": True})])
+@pytest.mark.parametrize("name,options", [("adamw", {}), ("adam", {}), ("adamw", {"amsgrad": True}),
+                                          ("sgd", {"momentum": 0.9}), ("sgd", {"momentum": 0.9, "nesterov": True})])
 def test_recording_steps_give_the_bits_of_unrecorded_ones(name, options, monkeypatch):
     calls = []
-    kernel = cpp_kernels.adam_step_with_sums
-    monkeypatch.setattr(cpp_kernels, "adam_step_with_sums", lambda *a, **k: calls.append(1) or kernel(*a, **k))
+    kernel_name = "sgd_step_with_sums" if name == "sgd" else "adam_step_with_sums"
+    kernel = getattr(cpp_kernels, kernel_name)
+    monkeypatch.setattr(cpp_kernels, kernel_name, lambda *a, **k: calls.append(1) or kernel(*a, **k))
     plain, optimizer, _ = train(name, False, **options)
     assert optimizer.describe_backend(optimizer.param_groups[0]) == "torch fused kernel" and not calls
     recorded, _, recorder = train(name, True, **options)

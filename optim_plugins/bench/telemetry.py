@@ -7,7 +7,7 @@ recording every step with ``by="group"`` and ``by="param"``. The steps are
 interleaved (one step of each variant per round, the order rotated each round), so that load
 from other processes hits every variant alike; the overhead is the median of the per-round
 ratios to "off". The "measured" column says how the recording steps took their numbers: inside
-the step's kernel (the C++ Adam kernel behind ``auto`` on CPU, :mod:`optim_plugins.kernels.cpp`)
+the step's kernel (the C++ Adam/SGD kernels behind ``auto`` on CPU, :mod:`optim_plugins.kernels.cpp`)
 or by a copy of the parameters and norm passes after the step. Two reference passes over the
 parameters (a copy, a norm) are timed in the same rounds: the copy is the floor of the
 every-step overhead where the step's kernel cannot sum.
@@ -121,8 +121,8 @@ def markdown(names: list[str], times: dict, ref_times: dict, size: tuple, loads:
         lines.append(f"| {key} | {1e3 * median(t):.1f} | {shares} |")
     lines += [
         "",
-        "Where `backend=\"auto\"` hands a group to torch's fused Adam/AdamW kernel, a recording step runs this",
-        "package's C++ kernel instead (`optim_plugins/kernels/cpp`): ATen's fused Adam update operation for",
+        "Where `backend=\"auto\"` hands a group to torch's fused Adam/AdamW or SGD kernel, a recording step runs",
+        "this package's C++ kernel instead (`optim_plugins/kernels/cpp`): ATen's fused update operation for",
         "operation, so the parameters and states are bitwise those of an unrecorded step (tested), plus the four",
         "sums (g^2, update^2, old p^2, v) taken in the same pass from values already in registers: no copy, no",
         "second pass. Elsewhere on CPU a recording step copies the parameters (the update is new minus old), then",

@@ -33,7 +33,7 @@ Choices that matter for speed (measured on a 2-core CPU, 20M parameters):
   formula that the weight selects instead of computing both and blending.
 * No reductions in the kernel: Inductor's code for a sum fused with the in-place stores
   (op.telemetry's update norms) ran 4-10x slower than the update alone, so telemetry stays an
-  eager pass here (the Triton kernels, and the C++ Adam kernel behind ``auto`` on CPU, compute it
+  eager pass here (the Triton kernels, and the C++ Adam/SGD kernels behind ``auto`` on CPU, compute it
   in the step).
 
 Why recording and not ``torch.compile`` of ``update`` directly: Dynamo specialises on

@@ -220,7 +220,7 @@ class Optimizer(torch.optim.Optimizer):
         Optional; called on recording steps for groups ``torch_fused_step`` would take whole. Writes
         one row of ``sums`` (float64, ``[len(params), 4]``) per parameter: g^2 (after unscaling),
         (new p - old p)^2, old p^2 and the second moment the recorder reads, all from the one pass
-        of the step (Adam/AdamW: the C++ kernel of :mod:`optim_plugins.kernels.cpp`).
+        of the step (Adam/AdamW and SGD: the C++ kernels of :mod:`optim_plugins.kernels.cpp`).
         """
         return False
 

@@ -6,6 +6,7 @@ from typing import Any, Iterable, Mapping
 import torch
 from torch import Tensor
 
+from ..kernels import cpp as cpp_kernels
 from .base import Optimizer
 from .common import check_range
 
@@ -73,6 +74,16 @@ class SGD(Optimizer):
                           dampening=group["dampening"], nesterov=group["nesterov"], maximize=group["maximize"],
                           is_first_step=states[0]["step"].item() == 1, grad_scale=grad_scale, found_inf=None)
         return True
+
+    def fused_step_with_sums(self, group: Mapping[str, Any], params: list[Tensor], grads: list[Tensor],
+                             states: list[dict], grad_scale: Tensor | None, sums: Tensor) -> bool:
+        if group["decoupled_weight_decay"] and group["weight_decay"]:
+            return False
+        momentum = group["momentum"]
+        return cpp_kernels.sgd_step_with_sums(
+            params, grads, [s["momentum_buffer"] for s in states] if momentum != 0 else [], [s["step"] for s in states],
+            weight_decay=group["weight_decay"], momentum=momentum, lr=group["lr"], dampening=group["dampening"],
+            nesterov=group["nesterov"], maximize=group["maximize"], grad_scale=grad_scale, sums=sums)
 
     def update(self, p, g, state, group, step):
         momentum = group["momentum"]

@@ -1,10 +1,11 @@
 """C++ CPU kernels, built on first use: where torch's fused kernels are closed to us or eager code is slow.
 
-* ``adam_sums.cpp``: the Adam/AdamW step with ``op.telemetry``'s sums in one pass. Without it a
-  recording step on torch's fused kernel copies the parameters and takes norms afterwards (about
-  36 extra bytes per parameter, 2-3x the step). It is ATen's fused Adam update (what
-  ``torch._fused_adam(w)_`` runs), operation for operation, so a recording step gives the same
-  bits as any other (tested), plus four sums per tensor from registers the update already holds.
+* ``step_sums.cpp``: the Adam/AdamW and SGD steps with ``op.telemetry``'s sums in one pass.
+  Without it a recording step on torch's fused kernels copies the parameters and takes norms
+  afterwards (about 36 extra bytes per parameter, 2-3x the step). Each is ATen's fused update (what
+  ``torch._fused_adam(w)_`` / ``torch._fused_sgd_`` run), operation for operation, so a recording
+  step gives the same bits as any other (tested), plus four sums per tensor from registers the
+  update already holds.
 * ``quantize.cpp``: the 8-bit and 4-bit state codecs of :mod:`optim_plugins.kernels.quantize`
   (absmax, nearest code, packing; and back) in one pass per block, the same bytes as its eager code.
 
@@ -115,7 +116,7 @@ def ready() -> bool:
     if failure is not None and not _warned:
         _warned.append(failure)
         warnings.warn(f"optim_plugins: the C++ CPU kernels could not be built, so the eager code runs instead "
-                      f"(op.telemetry copies the parameters on Adam steps, 8/4-bit states are coded by tensor "
+                      f"(op.telemetry copies the parameters on Adam/SGD steps, 8/4-bit states are coded by tensor "
                       f"operations): {failure}", RuntimeWarning, stacklevel=3)
     return failure is None
 
@@ -128,18 +129,39 @@ def adam_step_with_sums(params: list[Tensor], grads: list[Tensor], exp_avgs: lis
     of ``sums`` (float64, ``[n, 4]``): g^2 (after unscaling), (new p - old p)^2, old p^2 and the new
     ``exp_avg_sq``. False, with nothing changed, where the kernel cannot take these tensors (not
     contiguous CPU float32/float64 tensors, or the kernel is not available here)."""
-    if not all(p.device.type == "cpu" and p.dtype in DTYPES for p in params):
-        return False  # the states and gradients: checked like their parameter in C++, before any change
-    if not all(t.is_contiguous() for ts in (params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs) for t in ts):
-        return False
-    if grad_scale is not None and (grad_scale.device.type != "cpu" or grad_scale.dtype != torch.float32):
-        return False
-    if not ready():
+    if not _takes(params, (grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs), grad_scale):
         return False
     torch.ops.optim_plugins.adam_step_with_sums(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, lr,
                                                 beta1, beta2, weight_decay, eps, amsgrad, maximize, decoupled,
                                                 grad_scale, sums)
     return True
+
+
+def sgd_step_with_sums(params: list[Tensor], grads: list[Tensor], momentum_buffers: list[Tensor], steps: list[Tensor],
+                       *, weight_decay: float, momentum: float, lr: float, dampening: float, nesterov: bool,
+                       maximize: bool, grad_scale: Tensor | None, sums: Tensor) -> bool:
+    """``torch._fused_sgd_``'s step (L2 weight decay) that also writes, per parameter, one row of ``sums``:
+    g^2 (after unscaling), (new p - old p)^2, old p^2 and 0 (no second moment). A tensor whose ``step``
+    is 1 starts its momentum from the gradient (the fused kernel's ``is_first_step``). False, with
+    nothing changed, where the kernel cannot take these tensors."""
+    if not _takes(params, (grads, momentum_buffers), grad_scale):
+        return False
+    torch.ops.optim_plugins.sgd_step_with_sums(params, grads, momentum_buffers, steps, weight_decay, momentum, lr,
+                                               dampening, nesterov, maximize, grad_scale, sums)
+    return True
+
+
+def _takes(params: list[Tensor], others: tuple[list[Tensor], ...], grad_scale: Tensor | None) -> bool:
+    """Whether the step-with-sums kernels can take these tensors (and are built): contiguous CPU
+    float32/float64 parameters; the other tensors are checked like their parameter in C++, before
+    any change."""
+    if not all(p.device.type == "cpu" and p.dtype in DTYPES for p in params):
+        return False
+    if not all(t.is_contiguous() for ts in (params, *others) for t in ts):
+        return False
+    if grad_scale is not None and (grad_scale.device.type != "cpu" or grad_scale.dtype != torch.float32):
+        return False
+    return ready()
 
 
 def quantize_blockwise_(x: Tensor, codes: Tensor, absmax: Tensor | None, search: tuple[Tensor, Tensor, Tensor, int],

@@ -1,38 +1,34 @@
-// Adam/AdamW step on CPU that also sums what op.telemetry records, in the same pass.
+// Optimizer steps on CPU that also take op.telemetry's sums in the same pass: Adam/AdamW and SGD.
 //
-// The update follows ATen's CPU fused Adam kernel (what torch.optim.Adam(W)(fused=True) and
-// torch._fused_adam(w)_ run) operation for operation: the same vector width, the same
-// bias corrections in double, the lerp of the first moment written as ATen writes it, the
-// same scalar code for the tail, so that a recording step gives the parameters and states a
-// step without telemetry gives. Per tensor it adds four sums, read from registers the update
-// already holds: g^2 (the gradient after unscaling), (new p - old p)^2, old p^2, and the new
-// second moment v. Sums run in the parameter's dtype over blocks and in double across blocks.
+// Each update follows ATen's CPU fused kernel (what torch.optim.Adam(W)(fused=True) /
+// torch._fused_adam(w)_ and SGD(fused=True) / torch._fused_sgd_ run) operation for operation: the
+// same vector width, the same coefficients in double, the same scalar code for the tail, so that a
+// recording step gives the parameters and states a step without telemetry gives. Per tensor they
+// add four sums, read from registers the update already holds: g^2 (the gradient after
+// unscaling), (new p - old p)^2, old p^2 and the new second moment v (Adam; 0 for SGD). Sums run in
+// the parameter's dtype over blocks and in double across blocks.
 //
 // ATen's build lets the compiler contract a * b + c into fused multiply-adds; where that decided
-// the bits (the L2 weight decay of the vector code, the second moment of the scalar tail), the
+// the bits (Adam's L2 weight decay in the vector code, the second moment of its scalar tail), the
 // fma is written out here, so that the result does not hang on this compiler's choices. The
-// equality with torch._fused_adam(w)_ is tested (tests/test_cpp_kernels.py).
+// equality with torch's kernels is tested (tests/test_cpp_kernels.py).
 #include <ATen/core/Tensor.h>
 #include <ATen/Dispatch.h>
-#include <torch/library.h>
 #include <ATen/Parallel.h>
-#include <ATen/cpu/vec/vec.h>
 #include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+#include <torch/library.h>
 
+#include <algorithm>
 #include <array>
 #include <cmath>
 #include <vector>
 
 namespace {
 
-struct Coefficients {
-  double lr, beta1, beta2, weight_decay, eps, step_size, bias_correction2_sqrt;
-  bool amsgrad, maximize, decoupled;
-  const float* grad_scale;  // nullptr: gradients are already unscaled
-};
-
 using Sums = std::array<double, 4>;  // g^2, update^2, old p^2, v
 
+// The lanes of a vector accumulator (summed in the parameter's dtype over a block), added in double.
 template <typename scalar_t>
 double sum_lanes(at::vec::Vectorized<scalar_t> acc) {
   scalar_t lanes[at::vec::Vectorized<scalar_t>::size()];
@@ -41,6 +37,14 @@ double sum_lanes(at::vec::Vectorized<scalar_t> acc) {
   for (scalar_t lane : lanes) total += double(lane);
   return total;
 }
+
+// ------------------------------------------------------------------------------------------ Adam
+
+struct Coefficients {
+  double lr, beta1, beta2, weight_decay, eps, step_size, bias_correction2_sqrt;
+  bool amsgrad, maximize, decoupled;
+  const float* grad_scale;  // nullptr: gradients are already unscaled
+};
 
 template <typename scalar_t>
 void step_range(scalar_t* p, scalar_t* g, scalar_t* m, scalar_t* v, scalar_t* vmax, int64_t size,
@@ -195,9 +199,136 @@ void adam_step_with_sums(const std::vector<at::Tensor>& params, const std::vecto
   }
 }
 
+// ------------------------------------------------------------------------------------------ SGD
+
+struct SgdOptions {
+  double weight_decay, momentum, lr, dampening;
+  bool nesterov, maximize, first_step;
+  const float* grad_scale;
+};
+
+template <typename scalar_t>
+void sgd_range(scalar_t* p, scalar_t* g, scalar_t* buf, int64_t size, const SgdOptions& o, Sums& sums) {
+  using Vec = at::vec::Vectorized<scalar_t>;
+  constexpr int64_t kBlock = 256 * Vec::size();
+  const int64_t vector_end = size - (size % Vec::size());
+  int64_t d = 0;
+  while (d < vector_end) {
+    const int64_t block_end = std::min(vector_end, d + kBlock);
+    Vec acc_g(0), acc_u(0), acc_p(0);
+    for (; d < block_end; d += Vec::size()) {
+      const Vec old_p = Vec::loadu(p + d);
+      Vec grad = Vec::loadu(g + d);
+      if (o.grad_scale) {
+        grad = grad / Vec(scalar_t(*o.grad_scale));
+        grad.store(g + d);
+      }
+      acc_g = acc_g + grad * grad;
+      if (o.maximize) grad = grad * Vec(scalar_t(-1.0));
+      if (o.weight_decay != 0.0) grad = at::vec::fmadd(old_p, Vec(scalar_t(o.weight_decay)), grad);
+      if (o.momentum != 0.0) {
+        Vec velocity;
+        if (o.first_step) {
+          velocity = grad;
+        } else {
+          velocity = Vec::loadu(buf + d) * Vec(scalar_t(o.momentum));
+          velocity = at::vec::fmadd(Vec(scalar_t(1 - o.dampening)), grad, velocity);
+        }
+        velocity.store(buf + d);
+        grad = o.nesterov ? at::vec::fmadd(velocity, Vec(scalar_t(o.momentum)), grad) : velocity;
+      }
+      const Vec param = old_p + grad * Vec(scalar_t(-o.lr));
+      param.store(p + d);
+      const Vec change = param - old_p;
+      acc_u = acc_u + change * change;
+      acc_p = acc_p + old_p * old_p;
+    }
+    sums[0] += sum_lanes(acc_g);
+    sums[1] += sum_lanes(acc_u);
+    sums[2] += sum_lanes(acc_p);
+  }
+  for (; d < size; d++) {  // the tail, in ATen's scalar form
+    const scalar_t old_p = p[d];
+    scalar_t grad = g[d];
+    if (o.grad_scale) {
+      grad = g[d] / scalar_t(*o.grad_scale);
+      g[d] = grad;
+    }
+    sums[0] += double(grad) * double(grad);
+    if (o.maximize) grad = -grad;
+    if (o.weight_decay != 0.0) grad += p[d] * scalar_t(o.weight_decay);
+    if (o.momentum != 0.0) {
+      if (o.first_step) {
+        buf[d] = grad;
+      } else {
+        buf[d] = buf[d] * scalar_t(o.momentum) + grad * scalar_t(1 - o.dampening);
+      }
+      if (o.nesterov) {
+        grad += buf[d] * scalar_t(o.momentum);
+      } else {
+        grad = buf[d];
+      }
+    }
+    p[d] -= grad * scalar_t(o.lr);
+    const double change = double(p[d] - old_p);
+    sums[1] += change * change;
+    sums[2] += double(old_p) * double(old_p);
+  }
+}
+
+void sgd_step_with_sums(const std::vector<at::Tensor>& params, const std::vector<at::Tensor>& grads,
+                        const std::vector<at::Tensor>& momentum_buffers, const std::vector<at::Tensor>& steps,
+                        double weight_decay, double momentum, double lr, double dampening, bool nesterov,
+                        bool maximize, const c10::optional<at::Tensor>& grad_scale, at::Tensor sums) {
+  const size_t n = params.size();
+  const bool has_buffer = momentum != 0.0;
+  TORCH_CHECK(grads.size() == n && steps.size() == n && (!has_buffer || momentum_buffers.size() == n),
+              "sgd_step_with_sums: lists of different lengths");
+  TORCH_CHECK(sums.scalar_type() == at::kDouble && sums.is_contiguous() && sums.numel() == int64_t(4 * n),
+              "sgd_step_with_sums: sums must be a contiguous float64 tensor of shape [n, 4]");
+  const float* scale = nullptr;
+  if (grad_scale.has_value()) {
+    TORCH_CHECK(grad_scale->scalar_type() == at::kFloat && grad_scale->numel() == 1,
+                "sgd_step_with_sums: grad_scale must be one float32 value");
+    scale = grad_scale->data_ptr<float>();
+  }
+  for (size_t i = 0; i < n; ++i) {
+    const at::Tensor& p = params[i];
+    std::vector<const at::Tensor*> like_p = {&p, &grads[i]};
+    if (has_buffer) like_p.push_back(&momentum_buffers[i]);
+    for (const at::Tensor* t : like_p) {  // every check before the first tensor is stepped
+      TORCH_CHECK(t->is_contiguous() && t->scalar_type() == p.scalar_type() && t->numel() == p.numel() &&
+                  t->device().is_cpu(), "sgd_step_with_sums: tensor ", i,
+                  " is not a contiguous CPU tensor of its parameter's dtype and size");
+    }
+  }
+  double* out = sums.data_ptr<double>();
+  for (size_t i = 0; i < n; ++i) {
+    const SgdOptions o{weight_decay, momentum, lr, dampening, nesterov, maximize,
+                       steps[i].item<double>() == 1.0, scale};
+    AT_DISPATCH_FLOATING_TYPES(params[i].scalar_type(), "sgd_step_with_sums", [&] {
+      scalar_t* p_data = params[i].data_ptr<scalar_t>();
+      scalar_t* g_data = grads[i].data_ptr<scalar_t>();
+      scalar_t* buf_data = has_buffer ? momentum_buffers[i].data_ptr<scalar_t>() : nullptr;
+      const int64_t numel = params[i].numel();
+      constexpr int64_t unit = 64 / sizeof(scalar_t);  // ranges start on cache lines, as ATen's do
+      std::vector<Sums> partial(at::get_num_threads(), Sums{0, 0, 0, 0});
+      at::parallel_for(0, (numel + unit - 1) / unit, 0, [&](int64_t begin, int64_t end) {
+        begin *= unit;
+        end = std::min(end * unit, numel);
+        sgd_range<scalar_t>(p_data + begin, g_data + begin, buf_data ? buf_data + begin : nullptr, end - begin, o,
+                            partial[at::get_thread_num()]);
+      });
+      for (const Sums& s : partial)
+        for (int k = 0; k < 4; ++k) out[4 * i + k] += s[k];
+    });
+  }
+}
+
 }  // namespace
 
-// torch.ops.optim_plugins.adam_step_with_sums (optim_plugins/kernels/cpp/__init__.py builds and loads it)
+// torch.ops.optim_plugins.* (optim_plugins/kernels/cpp/__init__.py builds and loads them)
 TORCH_LIBRARY_FRAGMENT(optim_plugins, module) {
   module.def("adam_step_with_sums", &adam_step_with_sums);
+  module.def("sgd_step_with_sums", &sgd_step_with_sums);
 }
