@@ -29,7 +29,7 @@ four sums (g^2, update^2, old p^2, v) per tensor inside the step's own pass wher
 kernel for it (one extra reduction, no copy; :meth:`Telemetry.add_sums`): the Triton kernels
 (``backend="triton"``), and on CPU, for groups ``backend="auto"`` hands to torch's fused Adam/AdamW
 or SGD kernel, the C++ kernels of :mod:`optim_plugins.kernels.cpp` (the same bits as torch's; +4% to
-+11% of a 20M-parameter AdamW step, see ``benchmarks/telemetry.md``). Elsewhere a recording step copies
++11% of a 20M-parameter AdamW step, +20% of a plain SGD one, see ``benchmarks/telemetry.md``). Elsewhere a recording step copies
 the stepped parameters once (the update is new minus old: an exact update norm needs the old
 values; on CPU the copy's memory is kept while the recorder is on, as fresh allocations there
 cost page faults), takes the norms as multi-tensor reductions (``torch._foreach_norm``; the
