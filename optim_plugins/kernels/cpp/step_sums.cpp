@@ -38,6 +38,48 @@ double sum_lanes(at::vec::Vectorized<scalar_t> acc) {
   return total;
 }
 
+// What both steps check before they change anything: the lists' lengths, the sums tensor, every
+// tensor like its parameter (contiguous, CPU, same dtype and size). Returns GradScaler's scale
+// (nullptr without one).
+const float* check_step(const char* name, const std::vector<at::Tensor>& params,
+                        const std::vector<const std::vector<at::Tensor>*>& like_params, size_t steps,
+                        const c10::optional<at::Tensor>& grad_scale, const at::Tensor& sums) {
+  const size_t n = params.size();
+  bool lengths = steps == n;
+  for (const auto* list : like_params) lengths = lengths && list->size() == n;
+  TORCH_CHECK(lengths, name, ": lists of different lengths");
+  TORCH_CHECK(sums.scalar_type() == at::kDouble && sums.is_contiguous() && sums.numel() == int64_t(4 * n),
+              name, ": sums must be a contiguous float64 tensor of shape [n, 4]");
+  for (size_t i = 0; i < n; ++i) {
+    const at::Tensor& p = params[i];
+    TORCH_CHECK(p.is_contiguous() && p.device().is_cpu(), name, ": parameter ", i, " is not a contiguous CPU tensor");
+    for (const auto* list : like_params) {
+      const at::Tensor& t = (*list)[i];
+      TORCH_CHECK(t.is_contiguous() && t.scalar_type() == p.scalar_type() && t.numel() == p.numel() &&
+                  t.device().is_cpu(), name, ": tensor ", i,
+                  " is not a contiguous CPU tensor of its parameter's dtype and size");
+    }
+  }
+  if (!grad_scale.has_value()) return nullptr;
+  TORCH_CHECK(grad_scale->scalar_type() == at::kFloat && grad_scale->numel() == 1,
+              name, ": grad_scale must be one float32 value");
+  return grad_scale->data_ptr<float>();
+}
+
+// Runs range(offset, size, sums) over a tensor's ranges on ATen's threads, split on cache lines as
+// ATen's fused kernels split them, and adds the threads' sums into out[0..3].
+template <typename scalar_t, typename Range>
+void over_ranges(int64_t numel, double* out, const Range& range) {
+  constexpr int64_t unit = 64 / sizeof(scalar_t);
+  std::vector<Sums> partial(at::get_num_threads(), Sums{0, 0, 0, 0});
+  at::parallel_for(0, (numel + unit - 1) / unit, 0, [&](int64_t begin, int64_t end) {
+    begin *= unit;
+    range(begin, std::min(end * unit, numel) - begin, partial[at::get_thread_num()]);
+  });
+  for (const Sums& s : partial)
+    for (int k = 0; k < 4; ++k) out[k] += s[k];
+}
+
 // ------------------------------------------------------------------------------------------ Adam
 
 struct Coefficients {
@@ -136,65 +178,30 @@ void step_range(scalar_t* p, scalar_t* g, scalar_t* m, scalar_t* v, scalar_t* vm
   }
 }
 
-template <typename scalar_t>
-void step_tensor(const at::Tensor& p, const at::Tensor& g, const at::Tensor& m, const at::Tensor& v,
-                 const at::Tensor* vmax, const Coefficients& c, double* out) {
-  scalar_t* p_data = p.data_ptr<scalar_t>();
-  scalar_t* g_data = g.data_ptr<scalar_t>();
-  scalar_t* m_data = m.data_ptr<scalar_t>();
-  scalar_t* v_data = v.data_ptr<scalar_t>();
-  scalar_t* vmax_data = vmax ? vmax->data_ptr<scalar_t>() : nullptr;
-  const int64_t numel = p.numel();
-  constexpr int64_t unit = 64 / sizeof(scalar_t);  // ranges start on cache lines, as ATen's do
-  const int64_t units = (numel + unit - 1) / unit;
-  std::vector<Sums> partial(at::get_num_threads(), Sums{0, 0, 0, 0});
-  at::parallel_for(0, units, 0, [&](int64_t begin, int64_t end) {
-    begin *= unit;
-    end = std::min(end * unit, numel);
-    step_range<scalar_t>(p_data + begin, g_data + begin, m_data + begin, v_data + begin,
-                         vmax_data ? vmax_data + begin : nullptr, end - begin, c,
-                         partial[at::get_thread_num()]);
-  });
-  for (const Sums& s : partial)
-    for (int k = 0; k < 4; ++k) out[k] += s[k];
-}
-
 void adam_step_with_sums(const std::vector<at::Tensor>& params, const std::vector<at::Tensor>& grads,
                          const std::vector<at::Tensor>& exp_avgs, const std::vector<at::Tensor>& exp_avg_sqs,
                          const std::vector<at::Tensor>& max_exp_avg_sqs, const std::vector<at::Tensor>& steps,
                          double lr, double beta1, double beta2, double weight_decay, double eps, bool amsgrad,
                          bool maximize, bool decoupled, const c10::optional<at::Tensor>& grad_scale,
                          at::Tensor sums) {
-  const size_t n = params.size();
-  TORCH_CHECK(grads.size() == n && exp_avgs.size() == n && exp_avg_sqs.size() == n && steps.size() == n &&
-              (!amsgrad || max_exp_avg_sqs.size() == n), "adam_step_with_sums: lists of different lengths");
-  TORCH_CHECK(sums.scalar_type() == at::kDouble && sums.is_contiguous() && sums.numel() == int64_t(4 * n),
-              "adam_step_with_sums: sums must be a contiguous float64 tensor of shape [n, 4]");
-  const float* scale = nullptr;
-  if (grad_scale.has_value()) {
-    TORCH_CHECK(grad_scale->scalar_type() == at::kFloat && grad_scale->numel() == 1,
-                "adam_step_with_sums: grad_scale must be one float32 value");
-    scale = grad_scale->data_ptr<float>();
-  }
-  for (size_t i = 0; i < n; ++i) {
-    const at::Tensor& p = params[i];
-    std::vector<const at::Tensor*> like_p = {&p, &grads[i], &exp_avgs[i], &exp_avg_sqs[i]};
-    if (amsgrad) like_p.push_back(&max_exp_avg_sqs[i]);
-    for (const at::Tensor* t : like_p) {  // every check before the first tensor is stepped
-      TORCH_CHECK(t->is_contiguous() && t->scalar_type() == p.scalar_type() && t->numel() == p.numel() &&
-                  t->device().is_cpu(), "adam_step_with_sums: tensor ", i,
-                  " is not a contiguous CPU tensor of its parameter's dtype and size");
-    }
-  }
+  std::vector<const std::vector<at::Tensor>*> like_params = {&grads, &exp_avgs, &exp_avg_sqs};
+  if (amsgrad) like_params.push_back(&max_exp_avg_sqs);
+  const float* scale = check_step("adam_step_with_sums", params, like_params, steps.size(), grad_scale, sums);
   double* out = sums.data_ptr<double>();
-  for (size_t i = 0; i < n; ++i) {
+  for (size_t i = 0; i < params.size(); ++i) {
     const double step = steps[i].item<float>();  // as ATen: the step count read as float
     Coefficients c{lr, beta1, beta2, weight_decay, eps, 0, 0, amsgrad, maximize, decoupled, scale};
     c.step_size = lr / (1 - std::pow(beta1, step));
     c.bias_correction2_sqrt = std::sqrt(1 - std::pow(beta2, step));
-    const at::Tensor* vmax = amsgrad ? &max_exp_avg_sqs[i] : nullptr;
     AT_DISPATCH_FLOATING_TYPES(params[i].scalar_type(), "adam_step_with_sums", [&] {
-      step_tensor<scalar_t>(params[i], grads[i], exp_avgs[i], exp_avg_sqs[i], vmax, c, out + 4 * i);
+      scalar_t* p = params[i].data_ptr<scalar_t>();
+      scalar_t* g = grads[i].data_ptr<scalar_t>();
+      scalar_t* m = exp_avgs[i].data_ptr<scalar_t>();
+      scalar_t* v = exp_avg_sqs[i].data_ptr<scalar_t>();
+      scalar_t* vmax = amsgrad ? max_exp_avg_sqs[i].data_ptr<scalar_t>() : nullptr;
+      over_ranges<scalar_t>(params[i].numel(), out + 4 * i, [&](int64_t at, int64_t size, Sums& sum) {
+        step_range<scalar_t>(p + at, g + at, m + at, v + at, vmax ? vmax + at : nullptr, size, c, sum);
+      });
     });
   }
 }
@@ -280,47 +287,21 @@ void sgd_step_with_sums(const std::vector<at::Tensor>& params, const std::vector
                         const std::vector<at::Tensor>& momentum_buffers, const std::vector<at::Tensor>& steps,
                         double weight_decay, double momentum, double lr, double dampening, bool nesterov,
                         bool maximize, const c10::optional<at::Tensor>& grad_scale, at::Tensor sums) {
-  const size_t n = params.size();
   const bool has_buffer = momentum != 0.0;
-  TORCH_CHECK(grads.size() == n && steps.size() == n && (!has_buffer || momentum_buffers.size() == n),
-              "sgd_step_with_sums: lists of different lengths");
-  TORCH_CHECK(sums.scalar_type() == at::kDouble && sums.is_contiguous() && sums.numel() == int64_t(4 * n),
-              "sgd_step_with_sums: sums must be a contiguous float64 tensor of shape [n, 4]");
-  const float* scale = nullptr;
-  if (grad_scale.has_value()) {
-    TORCH_CHECK(grad_scale->scalar_type() == at::kFloat && grad_scale->numel() == 1,
-                "sgd_step_with_sums: grad_scale must be one float32 value");
-    scale = grad_scale->data_ptr<float>();
-  }
-  for (size_t i = 0; i < n; ++i) {
-    const at::Tensor& p = params[i];
-    std::vector<const at::Tensor*> like_p = {&p, &grads[i]};
-    if (has_buffer) like_p.push_back(&momentum_buffers[i]);
-    for (const at::Tensor* t : like_p) {  // every check before the first tensor is stepped
-      TORCH_CHECK(t->is_contiguous() && t->scalar_type() == p.scalar_type() && t->numel() == p.numel() &&
-                  t->device().is_cpu(), "sgd_step_with_sums: tensor ", i,
-                  " is not a contiguous CPU tensor of its parameter's dtype and size");
-    }
-  }
+  std::vector<const std::vector<at::Tensor>*> like_params = {&grads};
+  if (has_buffer) like_params.push_back(&momentum_buffers);
+  const float* scale = check_step("sgd_step_with_sums", params, like_params, steps.size(), grad_scale, sums);
   double* out = sums.data_ptr<double>();
-  for (size_t i = 0; i < n; ++i) {
+  for (size_t i = 0; i < params.size(); ++i) {
     const SgdOptions o{weight_decay, momentum, lr, dampening, nesterov, maximize,
                        steps[i].item<double>() == 1.0, scale};
     AT_DISPATCH_FLOATING_TYPES(params[i].scalar_type(), "sgd_step_with_sums", [&] {
-      scalar_t* p_data = params[i].data_ptr<scalar_t>();
-      scalar_t* g_data = grads[i].data_ptr<scalar_t>();
-      scalar_t* buf_data = has_buffer ? momentum_buffers[i].data_ptr<scalar_t>() : nullptr;
-      const int64_t numel = params[i].numel();
-      constexpr int64_t unit = 64 / sizeof(scalar_t);  // ranges start on cache lines, as ATen's do
-      std::vector<Sums> partial(at::get_num_threads(), Sums{0, 0, 0, 0});
-      at::parallel_for(0, (numel + unit - 1) / unit, 0, [&](int64_t begin, int64_t end) {
-        begin *= unit;
-        end = std::min(end * unit, numel);
-        sgd_range<scalar_t>(p_data + begin, g_data + begin, buf_data ? buf_data + begin : nullptr, end - begin, o,
-                            partial[at::get_thread_num()]);
+      scalar_t* p = params[i].data_ptr<scalar_t>();
+      scalar_t* g = grads[i].data_ptr<scalar_t>();
+      scalar_t* buf = has_buffer ? momentum_buffers[i].data_ptr<scalar_t>() : nullptr;
+      over_ranges<scalar_t>(params[i].numel(), out + 4 * i, [&](int64_t at, int64_t size, Sums& sum) {
+        sgd_range<scalar_t>(p + at, g + at, buf ? buf + at : nullptr, size, o, sum);
       });
-      for (const Sums& s : partial)
-        for (int k = 0; k < 4; ++k) out[4 * i + k] += s[k];
     });
   }
 }
