@@ -267,3 +267,11 @@ def test_a_compiler_error_comes_back_as_the_reason(tmp_path, monkeypatch):
     failure = cpp_kernels._build(cpp_kernels._compiler(), tmp_path / "lib.so")
     assert failure is not None and "failed on broken.cpp" in failure and "error" in failure
     assert not (tmp_path / "lib.so").exists()
+
+
+def test_an_unwritable_cache_comes_back_as_the_reason(tmp_path, monkeypatch):
+    blocked = tmp_path / "file"
+    blocked.write_text("not a directory")
+    monkeypatch.setattr(cpp_kernels, "_cache_dir", lambda: blocked / "optim_plugins")
+    failure = cpp_kernels._load.__wrapped__()  # the uncached function: a fresh attempt
+    assert failure is not None and "Error" in failure

@@ -50,10 +50,10 @@ def _compiler() -> str | None:
 
 @functools.lru_cache(maxsize=None)
 def unavailable_reason() -> str | None:
-    """None when the kernel can be built here, else why not (looked up once per process)."""
+    """None when the kernels can be built here, else why not (looked up once per process)."""
     capability = torch.backends.cpu.get_cpu_capability()
     if capability not in CAPABILITY_FLAGS:
-        return f"CPU capability {capability!r} (the kernel is built for AVX2 and AVX512, as ATen's fused Adam)"
+        return f"CPU capability {capability!r} (the kernels are built for AVX2 and AVX512, as ATen's fused ones)"
     if _compiler() is None:
         return "no C++ compiler found ($CXX, c++, g++, clang++)"
     return None
@@ -92,15 +92,18 @@ def _load() -> str | None:
     compiler = _compiler()
     text = "\0".join([*(source.read_text() for source in SOURCES), torch.__version__, compiler, *_flags()])
     library = _cache_dir() / f"optim_plugins_cpu-{hashlib.sha256(text.encode()).hexdigest()[:16]}.so"
-    if not library.exists():
-        library.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=library.parent) as tmp:  # built aside, then renamed: safe across processes
-            built = Path(tmp) / library.name
-            failure = _build(compiler, built)
-            if failure is not None:
-                return failure
-            os.replace(built, library)
-    torch.ops.load_library(str(library))
+    try:
+        if not library.exists():
+            library.parent.mkdir(parents=True, exist_ok=True)
+            with tempfile.TemporaryDirectory(dir=library.parent) as tmp:  # built aside, then renamed: safe across processes
+                built = Path(tmp) / library.name
+                failure = _build(compiler, built)
+                if failure is not None:
+                    return failure
+                os.replace(built, library)
+        torch.ops.load_library(str(library))
+    except (OSError, RuntimeError) as error:  # an unwritable cache, a library this torch cannot load
+        return f"{type(error).__name__}: {error}"
     return None
 
 
@@ -109,7 +112,7 @@ def _cache_dir() -> Path:
 
 
 def ready() -> bool:
-    """Whether the kernel is built and loaded (builds it on the first call; warns once if that fails)."""
+    """Whether the kernels are built and loaded (builds them on the first call; warns once if that fails)."""
     if unavailable_reason() is not None:
         return False
     failure = _load()
