@@ -117,7 +117,7 @@ def test_a_bad_tensor_raises_before_any_tensor_is_stepped():
 
 def test_tensors_it_cannot_take_are_refused_without_a_change():
     p, g, m, v, _, steps = tensors(torch.float32)
-    strided = [torch.randn(8, 4)[:, ::2]] * 1
+    strided = [torch.randn(8, 4)[:, ::2]]  # not contiguous
     args = dict(amsgrad=False, lr=1e-3, beta1=0.9, beta2=0.999, weight_decay=0.0, eps=1e-8, maximize=False,
                 decoupled=True, grad_scale=None, sums=torch.zeros(1, 4, dtype=torch.float64))
     for params in (strided, [p[0].bfloat16()]):
