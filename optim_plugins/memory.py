@@ -11,7 +11,7 @@ from typing import Any
 import torch
 
 
-def _tensors(value: Any) -> list[torch.Tensor]:
+def state_tensors(value: Any) -> list[torch.Tensor]:
     """The tensors in a state value (also inside dicts, lists and tuples); a record may count them
     every step, so plain loops rather than nested generators."""
     if isinstance(value, torch.Tensor):
@@ -22,13 +22,13 @@ def _tensors(value: Any) -> list[torch.Tensor]:
         if isinstance(item, torch.Tensor):
             found.append(item)
         elif isinstance(item, (dict, list, tuple)):
-            found.extend(_tensors(item))
+            found.extend(state_tensors(item))
     return found
 
 
 def _count(state: Any, seen: set) -> int:
     total = 0
-    for t in _tensors(state):
+    for t in state_tensors(state):
         if t.is_meta:
             continue
         storage = t.untyped_storage()

@@ -34,6 +34,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from ..memory import state_tensors
+
 META_KEY = "sharding"
 FORMAT = 1
 SHARD_PATTERN = "optimizer.rank{rank:05d}-of-{world_size:05d}.pt"
@@ -99,7 +101,7 @@ def state_bytes(optimizer: torch.optim.Optimizer, p: Tensor, group: Mapping[str,
     if callable(init):
         try:
             state = init(torch.empty_like(p, device="meta"), group)
-            total = sum(_nbytes(v) for v in _tensors(state))
+            total = sum(_nbytes(v) for v in state_tensors(state))
             from ..optimizers.precision import resolve_compensation
 
             if resolve_compensation(group.get("compensation"), p.dtype) == "kahan":
@@ -110,24 +112,13 @@ def state_bytes(optimizer: torch.optim.Optimizer, p: Tensor, group: Mapping[str,
     return 2 * p.numel() * p.element_size()
 
 
-def _tensors(obj: Any) -> Iterable[Tensor]:
-    if torch.is_tensor(obj):
-        yield obj
-    elif isinstance(obj, Mapping):
-        for v in obj.values():
-            yield from _tensors(v)
-    elif isinstance(obj, (list, tuple)):
-        for v in obj:
-            yield from _tensors(v)
-
-
 def _nbytes(t: Tensor) -> int:
     return t.numel() * t.element_size()
 
 
 def optimizer_state_bytes(optimizer: torch.optim.Optimizer, include_scalars: bool = False) -> int:
     """Bytes held in ``optimizer.state`` (0-d tensors such as ``step`` only with ``include_scalars``)."""
-    return sum(_nbytes(t) for s in optimizer.state.values() for t in _tensors(s) if include_scalars or t.dim() > 0)
+    return sum(_nbytes(t) for s in optimizer.state.values() for t in state_tensors(s) if include_scalars or t.dim() > 0)
 
 
 def partition(costs: Sequence[Sequence[int]], world_size: int) -> list[int]:
