@@ -387,7 +387,8 @@ class Optimizer(torch.optim.Optimizer):
         if backend == "triton":
             self._triton_step(group, params, grads, states, inv_scale, probe)
             return
-        if probe is not None and not per_tensor and self._step_with_sums(group, params, grads, states, buckets, probe):
+        if probe is not None and not per_tensor and self._step_with_sums(group, params, grads, states, buckets,
+                                                                         inv_scale, probe):
             return
         before = probe.before(self, group, params, grads, states) if probe is not None else None
         for index in buckets:
@@ -397,7 +398,7 @@ class Optimizer(torch.optim.Optimizer):
             probe.after(self, group, params, states, before)
 
     def _step_with_sums(self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor], states: list[dict],
-                        buckets: Iterable[list[int]], probe: Any) -> bool:
+                        buckets: Iterable[list[int]], inv_scale: float | None, probe: Any) -> bool:
         """op.telemetry on a group torch's fused kernel steps whole: ``fused_step_with_sums`` steps it and
         sums in one pass (else the recorder copies the parameters and measures after the step)."""
         if type(self).fused_step_with_sums is Optimizer.fused_step_with_sums:
@@ -406,7 +407,7 @@ class Optimizer(torch.optim.Optimizer):
             if not all(self._torch_fusable(group, [params[i] for i in index], [states[i] for i in index])):
                 return False
         sums = torch.zeros(len(params), 4, dtype=torch.float64, device=params[0].device)
-        scale = None if self.__dict__.get("_inv_scale") is None else self.grad_scale.to(params[0].device)
+        scale = self._torch_grad_scale(inv_scale, params)
         if not self.fused_step_with_sums(group, params, grads, states, scale, sums):
             return False
         probe.add_sums(self, group, params, states, sums)
@@ -487,6 +488,11 @@ class Optimizer(torch.optim.Optimizer):
             state.update(codec.init(name, state.pop(name)))
         return state
 
+    def _torch_grad_scale(self, inv_scale: float | None, params: list[Tensor]) -> Tensor | None:
+        """The ``grad_scale`` torch's fused kernels take: GradScaler's own scale tensor (set whenever
+        ``inv_scale`` is) on the parameters' device, not ``1 / inv_scale`` rounded twice."""
+        return None if inv_scale is None else self.grad_scale.to(params[0].device)
+
     def _torch_fusable(self, group: Mapping[str, Any], params: list[Tensor], states: list[dict]) -> list[bool]:
         """Which parameters of a bucket (one device and dtype) may take ``torch_fused_step``: decided per
         parameter (state codecs), so that a parameter's numbers never depend on the bucket it shares."""
@@ -506,10 +512,8 @@ class Optimizer(torch.optim.Optimizer):
         fusable = [False] * len(params) if per_tensor else self._torch_fusable(group, params, states)
         if any(fusable):
             chosen = [i for i, f in enumerate(fusable) if f]
-            # GradScaler's own scale tensor (set whenever inv_scale is), not 1 / inv_scale rounded twice
-            scale = None if inv_scale is None else self.grad_scale.to(params[0].device)
             if self.torch_fused_step(group, [params[i] for i in chosen], [grads[i] for i in chosen],
-                                     [states[i] for i in chosen], scale):
+                                     [states[i] for i in chosen], self._torch_grad_scale(inv_scale, params)):
                 rest = [i for i, f in enumerate(fusable) if not f]
                 if not rest:
                     return

@@ -66,24 +66,19 @@ class SGD(Optimizer):
 
     def torch_fused_step(self, group: Mapping[str, Any], params: list[Tensor], grads: list[Tensor],
                          states: list[dict], grad_scale: Tensor | None) -> bool:
-        if group["decoupled_weight_decay"] and group["weight_decay"]:
-            return False  # torch's kernel knows L2 decay only
-        momentum = group["momentum"]
-        torch._fused_sgd_(params, grads, [s["momentum_buffer"] for s in states] if momentum != 0 else [],
-                          weight_decay=group["weight_decay"], momentum=momentum, lr=group["lr"],
-                          dampening=group["dampening"], nesterov=group["nesterov"], maximize=group["maximize"],
+        if not _fused_kernel_covers(group):
+            return False
+        torch._fused_sgd_(params, grads, _momentum_buffers(group, states), **_fused_options(group),
                           is_first_step=states[0]["step"].item() == 1, grad_scale=grad_scale, found_inf=None)
         return True
 
     def fused_step_with_sums(self, group: Mapping[str, Any], params: list[Tensor], grads: list[Tensor],
                              states: list[dict], grad_scale: Tensor | None, sums: Tensor) -> bool:
-        if group["decoupled_weight_decay"] and group["weight_decay"]:
+        if not _fused_kernel_covers(group):
             return False
-        momentum = group["momentum"]
-        return cpp_kernels.sgd_step_with_sums(
-            params, grads, [s["momentum_buffer"] for s in states] if momentum != 0 else [], [s["step"] for s in states],
-            weight_decay=group["weight_decay"], momentum=momentum, lr=group["lr"], dampening=group["dampening"],
-            nesterov=group["nesterov"], maximize=group["maximize"], grad_scale=grad_scale, sums=sums)
+        return cpp_kernels.sgd_step_with_sums(params, grads, _momentum_buffers(group, states),
+                                              [s["step"] for s in states], **_fused_options(group),
+                                              grad_scale=grad_scale, sums=sums)
 
     def update(self, p, g, state, group, step):
         momentum = group["momentum"]
@@ -95,3 +90,17 @@ class SGD(Optimizer):
                 buf.mul_(momentum).add_(g, alpha=1 - group["dampening"])
             g = g.add(buf, alpha=momentum) if group["nesterov"] else buf
         p.add_(g, alpha=-group["lr"])
+
+
+def _fused_kernel_covers(group: Mapping[str, Any]) -> bool:
+    """torch's fused SGD kernel (and ours with the sums) knows L2 weight decay only."""
+    return not (group["decoupled_weight_decay"] and group["weight_decay"])
+
+
+def _momentum_buffers(group: Mapping[str, Any], states: list[dict]) -> list[Tensor]:
+    return [s["momentum_buffer"] for s in states] if group["momentum"] != 0 else []
+
+
+def _fused_options(group: Mapping[str, Any]) -> dict[str, Any]:
+    return dict(weight_decay=group["weight_decay"], momentum=group["momentum"], lr=group["lr"],
+                dampening=group["dampening"], nesterov=group["nesterov"], maximize=group["maximize"])
