@@ -80,6 +80,30 @@ void over_ranges(int64_t numel, double* out, const Range& range) {
     for (int k = 0; k < 4; ++k) out[k] += s[k];
 }
 
+// The gradient a step uses at d: loaded, unscaled by GradScaler's scale (and written back, as
+// torch's kernels do), its square added to acc_g, then negated for maximize.
+template <typename scalar_t>
+inline at::vec::Vectorized<scalar_t> step_grad(scalar_t* g, int64_t d, const float* grad_scale, bool maximize,
+                                               at::vec::Vectorized<scalar_t>& acc_g) {
+  using Vec = at::vec::Vectorized<scalar_t>;
+  Vec grad = Vec::loadu(g + d);
+  if (grad_scale) {
+    grad = grad / Vec(scalar_t(*grad_scale));
+    grad.store(g + d);
+  }
+  acc_g = acc_g + grad * grad;
+  return maximize ? grad * Vec(scalar_t(-1.0)) : grad;
+}
+
+// The change of the parameter squared into acc_u, the old parameter squared into acc_p.
+template <typename scalar_t>
+inline void add_change(const at::vec::Vectorized<scalar_t>& param, const at::vec::Vectorized<scalar_t>& old_p,
+                       at::vec::Vectorized<scalar_t>& acc_u, at::vec::Vectorized<scalar_t>& acc_p) {
+  const at::vec::Vectorized<scalar_t> change = param - old_p;
+  acc_u = acc_u + change * change;
+  acc_p = acc_p + old_p * old_p;
+}
+
 // ------------------------------------------------------------------------------------------ Adam
 
 struct Coefficients {
@@ -109,13 +133,7 @@ void step_range(scalar_t* p, scalar_t* g, scalar_t* m, scalar_t* v, scalar_t* vm
     for (; d < block_end; d += Vec::size()) {
       const Vec old_p = Vec::loadu(p + d);
       Vec param = old_p;
-      Vec grad = Vec::loadu(g + d);
-      if (c.grad_scale) {
-        grad = grad / Vec(scalar_t(*c.grad_scale));
-        grad.store(g + d);
-      }
-      acc_g = acc_g + grad * grad;
-      if (c.maximize) grad = grad * Vec(scalar_t(-1.0));
+      Vec grad = step_grad(g, d, c.grad_scale, c.maximize, acc_g);
       if (decay_on) {
         if (c.decoupled) param = param * decay;
         else grad = at::vec::fmadd(param, decay, grad);
@@ -134,9 +152,7 @@ void step_range(scalar_t* p, scalar_t* g, scalar_t* m, scalar_t* v, scalar_t* vm
       const Vec denom = (second.sqrt() / bc2_sqrt) + eps;
       param = param + neg_step_size * exp_avg / denom;
       param.store(p + d);
-      const Vec change = param - old_p;
-      acc_u = acc_u + change * change;
-      acc_p = acc_p + old_p * old_p;
+      add_change(param, old_p, acc_u, acc_p);
       acc_v = acc_v + exp_avg_sq;
     }
     sums[0] += sum_lanes(acc_g);
@@ -225,13 +241,7 @@ void sgd_range(scalar_t* p, scalar_t* g, scalar_t* buf, int64_t size, const SgdO
     Vec acc_g(0), acc_u(0), acc_p(0);
     for (; d < block_end; d += Vec::size()) {
       const Vec old_p = Vec::loadu(p + d);
-      Vec grad = Vec::loadu(g + d);
-      if (o.grad_scale) {
-        grad = grad / Vec(scalar_t(*o.grad_scale));
-        grad.store(g + d);
-      }
-      acc_g = acc_g + grad * grad;
-      if (o.maximize) grad = grad * Vec(scalar_t(-1.0));
+      Vec grad = step_grad(g, d, o.grad_scale, o.maximize, acc_g);
       if (o.weight_decay != 0.0) grad = at::vec::fmadd(old_p, Vec(scalar_t(o.weight_decay)), grad);
       if (o.momentum != 0.0) {
         Vec velocity;
@@ -246,9 +256,7 @@ void sgd_range(scalar_t* p, scalar_t* g, scalar_t* buf, int64_t size, const SgdO
       }
       const Vec param = old_p + grad * Vec(scalar_t(-o.lr));
       param.store(p + d);
-      const Vec change = param - old_p;
-      acc_u = acc_u + change * change;
-      acc_p = acc_p + old_p * old_p;
+      add_change(param, old_p, acc_u, acc_p);
     }
     sums[0] += sum_lanes(acc_g);
     sums[1] += sum_lanes(acc_u);
