@@ -95,6 +95,18 @@ inline at::vec::Vectorized<scalar_t> step_grad(scalar_t* g, int64_t d, const flo
   return maximize ? grad * Vec(scalar_t(-1.0)) : grad;
 }
 
+// The same for one element of the scalar tail, its square added to sum_g in double.
+template <typename scalar_t>
+inline scalar_t step_grad(scalar_t* g, int64_t d, const float* grad_scale, bool maximize, double& sum_g) {
+  scalar_t grad = g[d];
+  if (grad_scale) {
+    grad = g[d] / scalar_t(*grad_scale);
+    g[d] = grad;
+  }
+  sum_g += double(grad) * double(grad);
+  return maximize ? -grad : grad;
+}
+
 // The change of the parameter squared into acc_u, the old parameter squared into acc_p.
 template <typename scalar_t>
 inline void add_change(const at::vec::Vectorized<scalar_t>& param, const at::vec::Vectorized<scalar_t>& old_p,
@@ -162,13 +174,7 @@ void step_range(scalar_t* p, scalar_t* g, scalar_t* m, scalar_t* v, scalar_t* vm
   }
   for (; d < size; d++) {  // the tail, in ATen's scalar form
     const scalar_t old_p = p[d];
-    scalar_t grad = g[d];
-    if (c.grad_scale) {
-      grad = g[d] / scalar_t(*c.grad_scale);
-      g[d] = grad;
-    }
-    sums[0] += double(grad) * double(grad);
-    if (c.maximize) grad = -grad;
+    scalar_t grad = step_grad(g, d, c.grad_scale, c.maximize, sums[0]);
     if (decay_on) {
       if (c.decoupled) p[d] = p[d] * scalar_t(1 - c.lr * c.weight_decay);
       else grad += p[d] * scalar_t(c.weight_decay);
@@ -264,13 +270,7 @@ void sgd_range(scalar_t* p, scalar_t* g, scalar_t* buf, int64_t size, const SgdO
   }
   for (; d < size; d++) {  // the tail, in ATen's scalar form
     const scalar_t old_p = p[d];
-    scalar_t grad = g[d];
-    if (o.grad_scale) {
-      grad = g[d] / scalar_t(*o.grad_scale);
-      g[d] = grad;
-    }
-    sums[0] += double(grad) * double(grad);
-    if (o.maximize) grad = -grad;
+    scalar_t grad = step_grad(g, d, o.grad_scale, o.maximize, sums[0]);
     if (o.weight_decay != 0.0) grad += p[d] * scalar_t(o.weight_decay);
     if (o.momentum != 0.0) {
       if (o.first_step) {
