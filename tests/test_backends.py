@@ -52,9 +52,18 @@ def assert_params_close(ours, theirs, rtol=1e-6, atol=1e-7):
 # ----------------------------------------------------------------------------- loss scaling in every backend
 
 
-@pytest.mark.parametrize("backend", ["reference", "foreach", "compiled"])
-def test_grad_scaler_unscales_and_skips_inside_the_step(backend):
+@pytest.fixture
+def inductor(monkeypatch):
+    """The compiled backend on Inductor's code (as for bf16 parameters), not the C++ loop it prefers."""
+    monkeypatch.setattr(compiled_kernels, "CPP_LOOPS", False)
+
+
+@pytest.mark.parametrize("backend", ["reference", "foreach", "compiled", "compiled-inductor"])
+def test_grad_scaler_unscales_and_skips_inside_the_step(backend, request):
     """GradScaler + ours == GradScaler + torch.optim.AdamW(fused=True): unscale, inf skip, back-off, lr schedule."""
+    if backend == "compiled-inductor":
+        request.getfixturevalue("inductor")
+        backend = "compiled"
     ours, theirs = make_params(), make_params()
     opt = op.create_optimizer("adamw", ours, lr=0.05, weight_decay=0.1, maximize=True, backend=backend)
     our_scales = scaled_run(opt, ours)
@@ -126,9 +135,9 @@ def test_compiled_falls_back_where_it_cannot_record():
     assert_params_close(*results, rtol=0, atol=0)
 
 
-def test_compiled_packs_small_tensors_without_changing_a_bit(monkeypatch):
-    """Tensors below PACK_BELOW elements are stepped in one compiled call on concatenated copies:
-    the same bits as one call per tensor (the update is elementwise)."""
+def test_compiled_packs_small_tensors_without_changing_a_bit(monkeypatch, inductor):
+    """Inductor's path: tensors below PACK_BELOW elements are stepped in one compiled call on
+    concatenated copies: the same bits as one call per tensor (the update is elementwise)."""
     results = []
     for pack_below in (compiled_kernels.PACK_BELOW, 0):
         monkeypatch.setattr(compiled_kernels, "PACK_BELOW", pack_below)

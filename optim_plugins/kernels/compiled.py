@@ -59,6 +59,7 @@ import functools
 import os
 import shutil
 import types
+import warnings
 from numbers import Number
 from typing import Any, Callable, Sequence
 
@@ -340,7 +341,12 @@ def _replay(tensors: list[Tensor], scalars: Tensor) -> None:
 # Tensors below this many elements are stepped together in one call (see _run_packed).
 PACK_BELOW = 2**16
 _CACHE: dict[tuple, Callable[..., None]] = {}
-compile_count = 0  # compiled functions created in this process (tests read it)
+compile_count = 0  # compiled functions and loops created in this process (tests read it)
+# Step float32/float64 buckets with a C++ loop printed from the program (kernels/cpp/loops.py) rather
+# than with Inductor's code: one call per bucket, no Dynamo guards per tensor (~65 us each).
+CPP_LOOPS = True
+_LOOPS: dict[tuple, Callable[..., None] | None] = {}
+_LOOP_FAILURES: list[str] = []
 
 
 def _compiled(program: tuple, mutated: tuple, dtypes: tuple, scalar_dtype: torch.dtype) -> Callable[..., None]:
@@ -358,6 +364,28 @@ def _compiled(program: tuple, mutated: tuple, dtypes: tuple, scalar_dtype: torch
         _CACHE[key] = fn
         compile_count += 1
     return fn
+
+
+def _loop(program: tuple, mutated: tuple, dtypes: tuple, n_scalars: int) -> Callable[..., None] | None:
+    """The program as one C++ loop over the bucket (kernels/cpp/loops.py) where ``CPP_LOOPS`` is on and
+    it can express the program; else None (Inductor's path). A failed build warns once."""
+    global compile_count
+    if not CPP_LOOPS:
+        return None
+    key = (program, mutated, dtypes, n_scalars)
+    if key not in _LOOPS:
+        from .cpp import loops
+
+        built = loops.loop_for(program, mutated, dtypes, n_scalars)
+        if isinstance(built, str):
+            if not _LOOP_FAILURES:
+                warnings.warn(f"optim_plugins: the compiled backend's C++ loop could not be built, so Inductor "
+                              f"compiles the step instead: {built}", RuntimeWarning, stacklevel=4)
+            _LOOP_FAILURES.append(built)
+            built = None
+        _LOOPS[key] = built
+        compile_count += built is not None
+    return _LOOPS[key]
 
 
 def _inductor_options() -> dict[str, Any]:
@@ -415,7 +443,12 @@ def run(update: Callable[..., None], p: list[Tensor], g: list[Tensor], arrays: d
     mutated = tuple(sorted({dst for _, dst, *_ in program if dst < 2 + len(names)}))
     if 1 in mutated or not all(t.is_contiguous() for ts in inputs for t in ts):
         return False  # the update writes into the gradient, or a tensor is strided (foreach handles both)
-    fn = _compiled(program, mutated, tuple(t.dtype for t in inputs[0]), scalar_dtype)
+    dtypes = tuple(t.dtype for t in inputs[0])
+    loop = _loop(program, mutated, dtypes, len(tape.scalars))
+    if loop is not None:
+        loop(inputs, tape.scalars)
+        return True
+    fn = _compiled(program, mutated, dtypes, scalar_dtype)
     scalars = torch.tensor(tape.scalars or [0.0], dtype=scalar_dtype)
     small = [tensors for tensors in inputs if tensors[0].numel() < PACK_BELOW]
     alone = inputs if len(small) < 2 else [tensors for tensors in inputs if tensors[0].numel() >= PACK_BELOW]

@@ -26,6 +26,7 @@ import subprocess
 import tempfile
 import warnings
 from pathlib import Path
+from typing import Callable
 
 import torch
 from torch import Tensor
@@ -91,20 +92,33 @@ def _load() -> str | None:
     """Build (once per sources, torch and flags) and load the library; None, or the reason it failed."""
     compiler = _compiler()
     text = "\0".join([*(source.read_text() for source in SOURCES), torch.__version__, compiler, *_flags()])
-    library = _cache_dir() / f"optim_plugins_cpu-{hashlib.sha256(text.encode()).hexdigest()[:16]}.so"
+    library = _cached_library("optim_plugins_cpu", text, functools.partial(_build, compiler))
+    if isinstance(library, str):
+        return library
+    try:
+        torch.ops.load_library(str(library))
+    except (OSError, RuntimeError) as error:  # a library this torch cannot load
+        return f"{type(error).__name__}: {error}"
+    return None
+
+
+def _cached_library(stem: str, key: str, build: Callable[[Path], str | None]) -> Path | str:
+    """``<cache>/<stem>-<hash of key>.so``, built by ``build(path)`` (None or an error message) where
+    missing; its path, or why it could not be built. Built in a temporary directory and renamed into
+    place, so processes building the same library at once do not see each other's half-written file."""
+    library = _cache_dir() / f"{stem}-{hashlib.sha256(key.encode()).hexdigest()[:16]}.so"
     try:
         if not library.exists():
             library.parent.mkdir(parents=True, exist_ok=True)
-            with tempfile.TemporaryDirectory(dir=library.parent) as tmp:  # built aside, then renamed: safe across processes
+            with tempfile.TemporaryDirectory(dir=library.parent) as tmp:
                 built = Path(tmp) / library.name
-                failure = _build(compiler, built)
+                failure = build(built)
                 if failure is not None:
                     return failure
                 os.replace(built, library)
-        torch.ops.load_library(str(library))
-    except (OSError, RuntimeError) as error:  # an unwritable cache, a library this torch cannot load
+    except OSError as error:  # an unwritable cache
         return f"{type(error).__name__}: {error}"
-    return None
+    return library
 
 
 def _cache_dir() -> Path:

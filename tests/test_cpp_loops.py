@@ -1,0 +1,189 @@
+"""The compiled backend's C++ loops (optim_plugins/kernels/cpp/loops.py): a recorded update printed as
+one loop over a bucket.
+
+Independent references: torch's own operations (each operation of the recorded programs' table is
+compared with torch's eager result on NaN, inf, signed zeros and ordinary values), and the reference
+backend (every elementwise optimizer, in tests/test_optimizers.py::test_backends_agree). Each
+program builds in about half a second, cached on disk afterwards.
+"""
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+import optim_plugins as op
+from optim_plugins.kernels import compiled
+from optim_plugins.kernels.cpp import loops
+
+pytestmark = pytest.mark.skipif(compiled.unavailable_reason() is not None or loops.unavailable_reason() is not None,
+                                reason="no C++ compiler or an unsupported CPU capability here")
+
+SPECIAL = [float("nan"), float("inf"), float("-inf"), 0.0, -0.0, 1e-30, -2.5, 0.25, 0.5, 0.75, 3.0]
+
+
+def operands(dtype, n=37, seed=0):
+    """Three operand tensors whose first rows pair every special value with every other."""
+    special = torch.tensor(SPECIAL, dtype=dtype)
+    a = special.repeat_interleave(len(SPECIAL))
+    b = special.repeat(len(SPECIAL))
+    g = torch.Generator().manual_seed(seed)
+    rest = [torch.randn(n, generator=g, dtype=dtype) for _ in range(3)]
+    return [torch.cat([a, rest[0]]), torch.cat([b, rest[1]]), torch.cat([b.flip(0), rest[2]])]
+
+
+# every operation of compiled._OPS, written the way torch computes it (the reference)
+TORCH = {
+    "add": lambda x, y, z, c: x + y * c[0],
+    "mul": lambda x, y, z, c: x * y,
+    "div": lambda x, y, z, c: x / y,
+    "lerp": lambda x, y, z, c: torch.lerp(x, y, z),
+    "lerp_low": lambda x, y, z, c: torch.lerp(x, y, c[0]),  # ATen's branch for |w| < 0.5
+    "lerp_high": lambda x, y, z, c: torch.lerp(x, y, c[1]),  # and for |w| >= 0.5
+    "addcmul": lambda x, y, z, c: torch.addcmul(x, y, z, value=c[0]),
+    "addcdiv": lambda x, y, z, c: torch.addcdiv(x, y, z, value=c[0]),
+    "sqrt": lambda x, y, z, c: torch.sqrt(x),
+    "reciprocal": lambda x, y, z, c: torch.reciprocal(x),
+    "abs": lambda x, y, z, c: torch.abs(x),
+    "neg": lambda x, y, z, c: torch.neg(x),
+    "sign": lambda x, y, z, c: torch.sign(x),
+    "clone": lambda x, y, z, c: x.clone(),
+    "clamp_min": lambda x, y, z, c: torch.clamp_min(x, c[0]),
+    "clamp_max": lambda x, y, z, c: torch.clamp_max(x, c[0]),
+    "maximum": lambda x, y, z, c: torch.maximum(x, y),
+    "zero": lambda x, y, z, c: torch.zeros_like(x),
+    "copy": lambda x, y, z, c: y.clone(),
+}
+ARGS = {  # the operands each operation takes in a program: slots ("s", i) and scalars ("c", i)
+    "add": [("s", 1), ("c", 0)], "mul": [("s", 1)], "div": [("s", 1)], "lerp": [("s", 1), ("s", 2)],
+    "lerp_low": [("s", 1), ("c", 0)], "lerp_high": [("s", 1), ("c", 1)], "addcmul": [("s", 1), ("s", 2), ("c", 0)],
+    "addcdiv": [("s", 1), ("s", 2), ("c", 0)], "clamp_min": [("c", 0)], "clamp_max": [("c", 0)],
+    "maximum": [("s", 1)], "copy": [("s", 1)],
+}
+SCALARS = [0.3, 0.7]
+
+
+def assert_same_values(ours, theirs):
+    """Equal to the dtype's rounding (torch's kernels may contract a * b + c into one FMA where the loop
+    rounds twice; the operands here are O(1)); NaN, inf and zeros where torch gives them."""
+    eps = torch.finfo(ours.dtype).eps
+    torch.testing.assert_close(ours, theirs, rtol=2 * eps, atol=eps, equal_nan=True)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("name", sorted(TORCH))
+def test_each_operation_equals_torch_on_special_values(name, dtype):
+    x, y, z = operands(dtype)
+    program = ((f"{name}_", 0, ("s", 0), *ARGS.get(name, [])),)
+    step = loops.loop_for(program, (0,), (dtype,) * 3, len(SCALARS))
+    expected = TORCH[name](x, y, z, [torch.tensor(s, dtype=dtype).item() for s in SCALARS])
+    ours = x.clone()
+    step([[ours, y, z]], SCALARS)
+    assert_same_values(ours, expected)
+    _, y_before, z_before = operands(dtype)  # the slots the program only reads are not written
+    torch.testing.assert_close(y, y_before, rtol=0, atol=0, equal_nan=True)
+    torch.testing.assert_close(z, z_before, rtol=0, atol=0, equal_nan=True)
+
+
+def test_a_chain_keeps_the_order_of_operations_and_writes_only_the_mutated_slots():
+    """m <- lerp(m, g, 0.1); v <- v * 0.999 + 0.001 * g * g (out of place, then copied); p <- p - m / (sqrt(v) + eps):
+    Adam without bias correction, written with torch operations in the same order."""
+    program = (
+        ("lerp_low_", 2, ("s", 2), ("s", 1), ("c", 0)),
+        ("mul", 4, ("s", 3), ("c", 1)),
+        ("addcmul_", 4, ("s", 4), ("s", 1), ("s", 1), ("c", 2)),
+        ("copy_", 3, ("s", 3), ("s", 4)),
+        ("sqrt", 5, ("s", 3)),
+        ("add_", 5, ("s", 5), ("c", 3), ("c", 4)),
+        ("addcdiv_", 0, ("s", 0), ("s", 2), ("s", 5), ("c", 5)),
+    )
+    scalars = [0.1, 0.999, 0.001, 1e-8, 1.0, -0.01]
+    g = torch.Generator().manual_seed(1)
+    p, grad, m = (torch.randn(1000, generator=g) for _ in range(3))
+    v = torch.rand(1000, generator=g)
+    expected_m = m.lerp(grad, 0.1)
+    expected_v = torch.addcmul(v * 0.999, grad, grad, value=0.001)
+    expected_p = torch.addcdiv(p, expected_m, expected_v.sqrt() + 1e-8, value=-0.01)
+    grad_before = grad.clone()
+    loops.loop_for(program, (0, 2, 3), (torch.float32,) * 4, len(scalars))([[p, grad, m, v]], scalars)
+    assert torch.equal(grad, grad_before)
+    for ours, theirs in ((m, expected_m), (v, expected_v), (p, expected_p)):
+        assert_same_values(ours, theirs)
+
+
+def test_a_bucket_of_any_sizes_is_stepped_whole_by_any_number_of_threads():
+    """Sizes from 0 to over the per-thread minimum share in one call, on 1, 2 and 3 threads: the same
+    bits whatever the split, each tensor torch's result to rounding."""
+    program = (("addcmul_", 0, ("s", 0), ("s", 1), ("s", 1), ("c", 0)),)
+    step = loops.loop_for(program, (0,), (torch.float64,) * 2, 1)
+    g = torch.Generator().manual_seed(2)
+    sizes = [0, 1, 7, 4095, 4097, 20_011, 3]
+    original = [[torch.randn(n, generator=g, dtype=torch.float64) for _ in range(2)] for n in sizes]
+    results = []
+    previous = torch.get_num_threads()
+    try:
+        for threads in (1, 2, 3):
+            torch.set_num_threads(threads)
+            bucket = [[t.clone() for t in ts] for ts in original]
+            step(bucket, [-0.5])
+            results.append([p for p, _ in bucket])
+    finally:
+        torch.set_num_threads(previous)
+    for ours in results[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(ours, results[0]))
+    for ours, (p, grad) in zip(results[0], original):
+        assert_same_values(ours, torch.addcmul(p, grad, grad, value=-0.5))
+
+
+def test_programs_it_cannot_express_go_to_inductor():
+    """Mixed dtypes (a bf16 parameter with fp32 states) and conversions are left to Inductor's code."""
+    program = (("mul_", 0, ("s", 0), ("c", 0)),)
+    assert loops.loop_for(program, (0,), (torch.bfloat16, torch.float32), 1) is None
+    assert loops.loop_for(program, (0,), (torch.bfloat16,) * 2, 1) is None
+    conversion = (("to", 2, ("s", 1), ("k", torch.float32)), ("add_", 0, ("s", 0), ("s", 2), ("c", 0)))
+    assert loops.loop_for(conversion, (0,), (torch.float64,) * 2, 1) is None
+    assert loops.loop_for(conversion, (0,), (torch.float32,) * 2, 1) is not None  # to() its own dtype: nothing
+
+
+def test_compiled_backend_steps_float32_buckets_with_one_loop_call(monkeypatch):
+    """backend="compiled" on fp32 parameters runs the C++ loop, not Inductor, with the reference numbers."""
+    monkeypatch.setattr(compiled, "_compiled", lambda *a: pytest.fail("Inductor was asked to compile"))
+    calls = []
+    original = loops.LoopStep.__call__
+    monkeypatch.setattr(loops.LoopStep, "__call__", lambda self, inputs, scalars: calls.append(len(inputs))
+                        or original(self, inputs, scalars))
+    results = {}
+    for backend in ("reference", "compiled"):
+        g = torch.Generator().manual_seed(0)
+        params = [torch.nn.Parameter(torch.randn(n, generator=g)) for n in (5, 300, 7)]
+        opt = op.create_optimizer("adamw", params, lr=0.05, weight_decay=0.1, backend=backend)
+        for i in range(3):
+            for j, p in enumerate(params):
+                p.grad = torch.sin(p.detach() * (i + 1) + j)
+            opt.step()
+        results[backend] = params
+    assert calls == [3, 3, 3]  # one call per step for the whole bucket
+    for a, b in zip(results["compiled"], results["reference"]):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+
+
+def test_a_failing_build_warns_once_and_inductor_steps_instead(monkeypatch, tmp_path):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.setattr(loops, "_compiler", lambda: "false")  # a "compiler" that fails on anything
+    monkeypatch.setattr(loops, "_loop", loops._loop.__wrapped__)  # no cached success
+    monkeypatch.setattr(compiled, "_LOOPS", {})
+    monkeypatch.setattr(compiled, "_LOOP_FAILURES", [])
+    inductor = []
+    original = compiled._compiled
+    monkeypatch.setattr(compiled, "_compiled", lambda *a: inductor.append(a) or original(*a))
+    params = [torch.nn.Parameter(torch.ones(4))]
+    opt = op.create_optimizer("sgd", params, lr=0.5, backend="compiled")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(2):
+            params[0].grad = torch.full((4,), 2.0)
+            opt.step()
+    messages = [str(w.message) for w in caught if "C++ loop could not be built" in str(w.message)]
+    assert len(messages) == 1 and "false failed" in messages[0]
+    assert inductor and torch.equal(params[0].detach(), torch.full((4,), -1.0))
