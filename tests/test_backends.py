@@ -165,10 +165,16 @@ def test_auto_picks_foreach_for_small_models_and_compiled_from_the_threshold(mon
     assert op.create_optimizer("adamw", params, foreach=False)._backend(adamw.param_groups[0] | {"foreach": False}) == "reference"
     lamb = op.create_optimizer("lamb", params)
     assert lamb.backend_for(lamb.param_groups[0], params) == "reference"
-    monkeypatch.setattr(base, "COMPILE_THRESHOLD", sum(p.numel() for p in params))
+    total = sum(p.numel() for p in params)
+    monkeypatch.setattr(base, "LOOP_THRESHOLD", total)  # fp32: the C++ loop's threshold
     expected = "compiled" if compiled_kernels.unavailable_reason() is None else "foreach"
     assert adamw.backend_for(adamw.param_groups[0], params) == expected
     assert lamb.backend_for(lamb.param_groups[0], params) == "reference"  # whole-tensor math stays per tensor
+    half = [torch.nn.Parameter(p.detach().bfloat16()) for p in params]  # Inductor's code: its own threshold
+    lion = op.create_optimizer("lion", half)
+    assert lion.backend_for(lion.param_groups[0], half) == "foreach"
+    monkeypatch.setattr(base, "COMPILE_THRESHOLD", total)
+    assert lion.backend_for(lion.param_groups[0], half) == expected
 
 
 def test_unavailable_backend_asked_for_explicitly_is_a_clear_error(monkeypatch):

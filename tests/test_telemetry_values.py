@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 import optim_plugins as op
+from optim_plugins.kernels import compiled
 from optim_plugins.telemetry import telemetry
 
 
@@ -41,7 +42,8 @@ SECOND_MOMENT = {"adamw": lambda p: True, "lion": lambda p: False, "adam8bit": l
                  "adafactor": lambda p: p.dim() < 2, "came": lambda p: p.dim() < 2}
 
 
-@pytest.mark.parametrize("backend", ["reference", "foreach", "auto"])  # auto adamw: the C++ kernel's sums
+# auto adamw: the C++ Adam kernel's sums; compiled adamw and lion: the sums of the compiled C++ loop
+@pytest.mark.parametrize("backend", ["reference", "foreach", "auto", "compiled"])
 @pytest.mark.parametrize("name", list(CASES))
 def test_numbers_equal_recomputation(name, backend):
     model, x, y = model_and_data()
@@ -80,4 +82,28 @@ def test_numbers_equal_recomputation(name, backend):
         if name in ("adafactor", "came"):
             assert "exp_avg_sq_row" in optimizer.state[model[2].weight]
     assert record["state_bytes"] == op.state_bytes(optimizer)
+    if backend == "compiled" and name in ("adamw", "lion") and compiled.unavailable_reason() is None:
+        assert recorder._copies == {}  # summed inside the loop's pass: no parameter copy was taken
+    recorder.remove()
+
+
+@pytest.mark.parametrize("backend", ["reference", "foreach", "auto", "compiled"])
+def test_gradient_norm_is_the_unscaled_one_under_grad_scaler(backend):
+    """Under GradScaler (which hands the compiled backend its loss scale to unscale inside the step)
+    the recorded gradient norm is that of the unscaled gradient and the update the step's own."""
+    model, x, y = model_and_data()
+    optimizer = op.create_optimizer("adamw", model, backend=backend, lr=1e-2)
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    recorder = telemetry(optimizer, by="param", model=model)
+    for _ in range(2):
+        optimizer.zero_grad()
+        scaler.scale(nn.functional.mse_loss(model(x), y)).backward()
+        grads = {n: p.grad.detach().double() / 1024.0 for n, p in model.named_parameters()}
+        old = {n: p.detach().double().clone() for n, p in model.named_parameters()}
+        scaler.step(optimizer)
+        scaler.update()
+        units = recorder.history[-1]["units"]
+        for n, p in model.named_parameters():
+            assert units[n]["grad_norm"] == pytest.approx(float(grads[n].norm()), rel=1e-5)
+            assert units[n]["update_norm"] == pytest.approx(float((p.detach().double() - old[n]).norm()), rel=1e-4)
     recorder.remove()

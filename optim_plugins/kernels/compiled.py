@@ -1,4 +1,4 @@
-"""``backend="compiled"``: an optimizer's own ``update``, compiled by Inductor for a bucket.
+"""``backend="compiled"``: an optimizer's own ``update``, compiled for a bucket (CPU).
 
 How it works (no second copy of any algorithm):
 
@@ -9,20 +9,32 @@ How it works (no second copy of any algorithm):
    number the update computes on the host (lr, ``1 - beta1``, bias corrections from the
    step count, ...) goes into a list of scalars instead of into the program.
 2. *Compile once.* The program (the operations and their order: the structure of the
-   update, without its numbers) plus the dtypes is the cache key of a function compiled
-   with ``torch.compile(fullgraph=True, dynamic=True)`` for one flattened tensor of any
-   length: Inductor fuses the chain into one C++ loop that reads p, g and the states once
-   and writes them once. It is called once per tensor of the bucket, so every layer shape
-   of every model reuses the one compile (a per-bucket graph of all tensors compiled one
-   kernel per tensor and took minutes for 21 tensors; its steady speed was the same).
-3. *Run.* The scalars enter the compiled function as one float tensor, so a scheduler
-   changing lr every step, the step count and every other hyper-parameter never cause a
-   recompile. Branches of an update on host values (SGD's first step, RAdam's
-   rectification switch) give another program: compiled once more, then cached.
-   Tensors below ``PACK_BELOW`` elements (biases, norms) are concatenated per slot and
-   stepped by one call (a call costs ~50 us of host time whatever its size).
+   update, without its numbers) plus the dtypes is the cache key of the compiled step.
+   Where every slot is float32 (or every slot float64) the program is printed as one C++
+   loop over the whole bucket (:mod:`optim_plugins.kernels.cpp.loops`: ~0.5 s to build,
+   cached on disk; one call per bucket, each thread a share of every tensor), which runs
+   at the speed of torch's fused AdamW kernel and can also sum op.telemetry's numbers in
+   the same pass (:func:`run_with_sums`). Other buckets (bf16 parameters, states kept in
+   another dtype) get a function compiled with ``torch.compile(fullgraph=True,
+   dynamic=True)`` for one flattened tensor of any length: Inductor fuses the chain into
+   one loop that reads p, g and the states once and writes them once. It is called once
+   per tensor of the bucket, so every layer shape reuses the one compile (a per-bucket
+   graph of all tensors compiled one kernel per tensor and took minutes for 21 tensors).
+3. *Run.* The scalars enter the compiled step as numbers (the loop) or one float tensor
+   (Inductor), so a scheduler changing lr every step, the step count and every other
+   hyper-parameter never cause a recompile. Branches of an update on host values (SGD's
+   first step, RAdam's rectification switch) give another program: compiled once more,
+   then cached. On Inductor's path tensors below ``PACK_BELOW`` elements (biases, norms)
+   are concatenated per slot and stepped by one call (a call costs ~50-70 us of host time
+   whatever its size: Dynamo's guards and AOTAutograd's wrappers).
 
-Choices that matter for speed (measured on a 2-core CPU, 20M parameters):
+Why the C++ loop before Inductor (2-core CPU, 22M parameters in 21 tensors, AdamW's
+program): Inductor's loop for the same program ran 10-15% slower than torch's fused
+AdamW kernel (it compiles with ``-ffp-contract=off`` and reloads each scalar from the
+scalar tensor in every iteration) and its seven calls per step cost ~0.5 ms of host time:
+1.24-1.33x torch's fused AdamW in all; the loop 0.94-0.95x.
+
+Choices that matter for Inductor's speed (measured on a 2-core CPU, 20M parameters):
 
 * ``cpp.dynamic_threads``: Inductor decides whether a kernel gets an OpenMP ``parallel`` loop
   from the size hint of the *first* call and caches that code on disk for every later size, so
@@ -31,10 +43,10 @@ Choices that matter for speed (measured on a 2-core CPU, 20M parameters):
 * Host numbers are folded while recording: ``x / c`` becomes ``x * (1/c)`` (one vector divide
   less per element), and ``lerp`` with a host weight records the one branch of ATen's two-sided
   formula that the weight selects instead of computing both and blending.
-* No reductions in the kernel: Inductor's code for a sum fused with the in-place stores
-  (op.telemetry's update norms) ran 4-10x slower than the update alone, so telemetry stays an
-  eager pass here (the Triton kernels, and the C++ Adam/SGD kernels behind ``auto`` on CPU, compute it
-  in the step).
+* No reductions in Inductor's kernel: its code for a sum fused with the in-place stores
+  (op.telemetry's update norms) ran 4-10x slower than the update alone, so on that path
+  telemetry stays an eager pass (the C++ loop sums in the step, as the Triton kernels and the
+  C++ Adam/SGD kernels behind ``auto`` do).
 
 Why recording and not ``torch.compile`` of ``update`` directly: Dynamo specialises on
 Python floats that reach ``beta ** step`` (even with ``specialize_float=False``), which
@@ -47,8 +59,9 @@ operations outside the table below, complex tensors in a 0-d state. Precision (K
 stochastic rounding, ``state_dtype``) and state codecs stay passes around the compiled
 update (correct, but they cost their extra reads and writes; 8/4-bit states are decoded and
 coded by the C++ codec of :mod:`optim_plugins.kernels.cpp` on CPU). Results equal the
-reference backend to fp32 rounding, not bit for bit: Inductor may contract ``a * b + c``
-into one rounding and computes ``lerp``/``addcdiv`` with its own operation order. States
+reference backend to fp32 rounding, not bit for bit: torch's eager kernels may contract
+``a * b + c`` into one rounding where the loop and Inductor round twice, and host numbers are
+folded as said above. States
 kept in bf16/fp16 (``state_dtype=None`` on bf16 parameters) are computed in fp32 through
 each fused chain and rounded once per store, where eager rounds after every operation:
 there the backends agree to bf16 rounding only (``state_dtype="fp32"``: fp32 rounding).
@@ -61,12 +74,12 @@ import shutil
 import types
 import warnings
 from numbers import Number
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, NamedTuple, Sequence
 
 import torch
 from torch import Tensor
 
-__all__ = ["Unsupported", "Recorder", "unavailable_reason", "run", "compile_count"]
+__all__ = ["Unsupported", "Recorder", "unavailable_reason", "run", "run_with_sums", "loops_cover", "compile_count"]
 
 
 class Unsupported(Exception):
@@ -388,6 +401,13 @@ def _loop(program: tuple, mutated: tuple, dtypes: tuple, n_scalars: int) -> Call
     return _LOOPS[key]
 
 
+def loops_cover(dtypes: set[torch.dtype]) -> bool:
+    """Whether buckets of these parameter dtypes step through the C++ loop (where it can be built here)."""
+    from .cpp import loops
+
+    return CPP_LOOPS and not _LOOP_FAILURES and dtypes <= set(loops.DTYPES) and loops.unavailable_reason() is None
+
+
 def _inductor_options() -> dict[str, Any]:
     """``cpp.dynamic_threads`` (see the module docstring) where this torch's Inductor has it."""
     from torch._inductor import config
@@ -407,21 +427,23 @@ def unavailable_reason() -> str | None:
     return None
 
 
-def run(update: Callable[..., None], p: list[Tensor], g: list[Tensor], arrays: dict[str, list[Tensor]],
-        others: dict[str, Any], prologue: Callable[[Any, Any], Any]) -> bool:
-    """Run ``update(p, g, state)`` on a bucket through a compiled replay; False if it cannot be recorded.
+class _Recorded(NamedTuple):
+    program: tuple
+    mutated: tuple
+    inputs: list[list[Tensor]]  # per tensor: p, g, then the arrays' tensors in order
+    scalars: list[float]
+    scalar_dtype: torch.dtype
+    commit: Callable[[], None]  # writes the recorded 0-d states back (once the step runs)
 
-    ``arrays``: the parameter-shaped states (lists of tensors); ``others``: what the state holds
-    besides them (0-d tensors as ``TensorList``s, Python values), passed through unrecorded
-    (0-d tensors are cloned for the recording and copied back only when it succeeds).
-    ``prologue(p, g) -> g``: maximize, loss-scale and weight decay, recorded before ``update``.
-    Returns True when the step was done.
-    """
+
+def _record(update: Callable[..., None], p: list[Tensor], g: list[Tensor], arrays: dict[str, list[Tensor]],
+            others: dict[str, Any], prologue: Callable[[Any, Any], Any]) -> _Recorded | None:
+    """The bucket's update as a program; None, with nothing changed, where the compiled path cannot
+    run it (an operation the recorder does not know, a write into the gradient, a strided tensor)."""
     if any(t.device.type != "cpu" for t in p):
-        return False
+        return None
     names = list(arrays)
-    work_dtype = p[0].dtype
-    scalar_dtype = torch.float64 if work_dtype == torch.float64 else torch.float32
+    scalar_dtype = torch.float64 if p[0].dtype == torch.float64 else torch.float32
     tape = Tape([p[0].dtype, g[0].dtype, *(arrays[n][0].dtype for n in names)], scalar_dtype)
     rec_p, rec_g = Recorder(tape, 0), Recorder(tape, 1)
     state: dict[str, Any] = {n: Recorder(tape, 2 + i) for i, n in enumerate(names)}
@@ -435,21 +457,42 @@ def run(update: Callable[..., None], p: list[Tensor], g: list[Tensor], arrays: d
         rec_g = prologue(rec_p, rec_g)
         update(rec_p, rec_g, state)
     except (Unsupported, AttributeError, TypeError):  # an operation the recorder does not know
-        return False
-    for name, original in saved.items():
-        original.copy_(state[name])
+        return None
     program = tuple(tape.code)
     inputs = [[pt, gt, *(arrays[n][i] for n in names)] for i, (pt, gt) in enumerate(zip(p, g))]
     mutated = tuple(sorted({dst for _, dst, *_ in program if dst < 2 + len(names)}))
     if 1 in mutated or not all(t.is_contiguous() for ts in inputs for t in ts):
-        return False  # the update writes into the gradient, or a tensor is strided (foreach handles both)
+        return None  # the update writes into the gradient, or a tensor is strided (foreach handles both)
+
+    def commit() -> None:
+        for name, original in saved.items():
+            original.copy_(state[name])
+
+    return _Recorded(program, mutated, inputs, tape.scalars, scalar_dtype, commit)
+
+
+def run(update: Callable[..., None], p: list[Tensor], g: list[Tensor], arrays: dict[str, list[Tensor]],
+        others: dict[str, Any], prologue: Callable[[Any, Any], Any]) -> bool:
+    """Run ``update(p, g, state)`` on a bucket through a compiled replay; False if it cannot be recorded.
+
+    ``arrays``: the parameter-shaped states (lists of tensors); ``others``: what the state holds
+    besides them (0-d tensors as ``TensorList``s, Python values), passed through unrecorded
+    (0-d tensors are cloned for the recording and copied back only when the step runs).
+    ``prologue(p, g) -> g``: maximize, loss-scale and weight decay, recorded before ``update``.
+    Returns True when the step was done.
+    """
+    recorded = _record(update, p, g, arrays, others, prologue)
+    if recorded is None:
+        return False
+    program, mutated, inputs, scalar_values, scalar_dtype, commit = recorded
+    commit()
     dtypes = tuple(t.dtype for t in inputs[0])
-    loop = _loop(program, mutated, dtypes, len(tape.scalars))
+    loop = _loop(program, mutated, dtypes, len(scalar_values))
     if loop is not None:
-        loop(inputs, tape.scalars)
+        loop(inputs, scalar_values)
         return True
     fn = _compiled(program, mutated, dtypes, scalar_dtype)
-    scalars = torch.tensor(tape.scalars or [0.0], dtype=scalar_dtype)
+    scalars = torch.tensor(scalar_values or [0.0], dtype=scalar_dtype)
     small = [tensors for tensors in inputs if tensors[0].numel() < PACK_BELOW]
     alone = inputs if len(small) < 2 else [tensors for tensors in inputs if tensors[0].numel() >= PACK_BELOW]
     for tensors in alone:
@@ -457,6 +500,22 @@ def run(update: Callable[..., None], p: list[Tensor], g: list[Tensor], arrays: d
     if len(small) >= 2:
         _run_packed(fn, small, mutated, scalars)
     return True
+
+
+def run_with_sums(update: Callable[..., None], p: list[Tensor], g: list[Tensor], arrays: dict[str, list[Tensor]],
+                  others: dict[str, Any], prologue: Callable[[Any, Any], Any]) -> Tensor | None:
+    """``run`` through the C++ loop that also sums, in the same pass (op.telemetry): per tensor a float64
+    row of sum g^2 (the gradient as stored), sum (new p - old p)^2, sum old p^2 and the sum of each
+    array's new value (in ``arrays`` order). None, with nothing changed, where that loop cannot step
+    the bucket (the caller then measures around a step of its own)."""
+    recorded = _record(update, p, g, arrays, others, prologue)
+    if recorded is None:
+        return None
+    loop = _loop(recorded.program, recorded.mutated, tuple(t.dtype for t in recorded.inputs[0]), len(recorded.scalars))
+    if loop is None:
+        return None
+    recorded.commit()
+    return loop.with_sums(recorded.inputs, recorded.scalars)
 
 
 def _run_packed(fn: Callable[..., None], inputs: list[list[Tensor]], mutated: tuple, scalars: Tensor) -> None:

@@ -19,7 +19,7 @@ GradScaler's loss scale inside the step (``_step_supports_amp_scaling``), state 
 from __future__ import annotations
 
 from collections import defaultdict
-from typing import Any, Callable, ClassVar, Iterable, Literal, Mapping
+from typing import Any, Callable, ClassVar, Iterable, Literal, Mapping, Sequence
 
 import torch
 from torch import Tensor
@@ -33,9 +33,12 @@ from .precision import LOW_PRECISION, StoredAs, resolve_compensation, working_co
 
 Backend = Literal["auto", "reference", "foreach", "compiled", "triton"]
 AVAILABLE_BACKENDS = ("auto", "reference", "foreach", "compiled", "triton")
-# backend="auto" on CPU compiles only from this many elements in the optimizer (all groups):
-# below it Inductor's compile time (seconds per bucket) does not pay off within a typical
-# run (benchmarks/scale.md measures both sides). Small models and the tests stay on foreach.
+# backend="auto" on CPU compiles only from this many elements in the optimizer (all groups).
+# LOOP_THRESHOLD where the compiled step is the C++ loop (float32/float64 parameters; its build
+# takes ~0.5 s once per program, and from 2^20 elements it saves 5-9 ms per step over foreach for
+# Lion and AdaBelief: repaid within ~100 steps); COMPILE_THRESHOLD where it is Inductor's code (bf16
+# parameters: seconds to minutes of compile per program). benchmarks/scale.md measures both sides.
+LOOP_THRESHOLD = 2**20
 COMPILE_THRESHOLD = 2**24
 DECODED_CHUNK = 2**22  # elements of coded (8/4-bit) states decoded at a time within a bucket
 TORCH_FUSED_DEVICES = ("cpu", "cuda")  # where torch ships its fused optimizer kernels (Optimizer.torch_fused_step)
@@ -60,7 +63,7 @@ def _common_options(
 
     Args:
         maximize: maximize the objective instead of minimizing it (as torch.optim).
-        backend: "auto" (Triton on CUDA, compiled on CPU from COMPILE_THRESHOLD elements, else foreach), "reference" (one tensor at a time), "foreach" (multi-tensor), "compiled" (Inductor, CPU) or "triton"; same numbers from each (to fp32 rounding).
+        backend: "auto" (Triton on CUDA, compiled on CPU from LOOP_THRESHOLD elements, else foreach), "reference" (one tensor at a time), "foreach" (multi-tensor), "compiled" (CPU: a C++ loop, or Inductor) or "triton"; same numbers from each (to fp32 rounding).
         foreach: torch.optim's switch: True means backend "foreach", False means "reference".
         nonfinite: NaN/Inf gradients: "propagate" (torch's behaviour, no host sync), "skip" the whole step, or "raise".
         compensation: for bf16/fp16 parameters: "kahan" buffer, "stochastic" rounding, None (torch's behaviour); "auto" = Kahan for bf16/fp16, nothing for fp32.
@@ -116,6 +119,11 @@ def _triton_refusal(optimizer: Any, group: Mapping[str, Any], params: list[Tenso
     if not triton_kernels.supports(optimizer, group):
         return f"triton: no kernel covers {type(optimizer).__name__} with these options and parameters"
     return None
+
+
+def _pick(index: Sequence[int], *lists: list) -> tuple[list, ...]:
+    """The entries ``index`` of each list."""
+    return tuple([values[i] for i in index] for values in lists)
 
 
 def _chunks(sizes: list[int], limit: int) -> list[list[int]]:
@@ -387,13 +395,22 @@ class Optimizer(torch.optim.Optimizer):
         if backend == "triton":
             self._triton_step(group, params, grads, states, inv_scale, probe)
             return
+        buckets = list(buckets)
         if probe is not None and not per_tensor and self._step_with_sums(group, params, grads, states, buckets,
                                                                          inv_scale, probe):
             return
+        if probe is not None and backend == "compiled" and not per_tensor:  # left: what the C++ loop cannot sum
+            kept = [index for index in buckets
+                    if not self._compiled_step_with_sums(group, *_pick(index, params, grads, states), inv_scale, probe)]
+            chosen = sorted(i for index in kept for i in index)
+            position = {i: k for k, i in enumerate(chosen)}
+            buckets = [[position[i] for i in index] for index in kept]
+            params, grads, states = _pick(chosen, params, grads, states)
+            if not params:
+                return
         before = probe.before(self, group, params, grads, states) if probe is not None else None
         for index in buckets:
-            bucket = [params[i] for i in index], [grads[i] for i in index], [states[i] for i in index]
-            self._apply(group, *bucket, per_tensor, backend == "compiled", inv_scale)
+            self._apply(group, *_pick(index, params, grads, states), per_tensor, backend == "compiled", inv_scale)
         if before is not None:
             probe.after(self, group, params, states, before)
 
@@ -410,6 +427,23 @@ class Optimizer(torch.optim.Optimizer):
         scale = self._torch_grad_scale(inv_scale, params)
         if not self.fused_step_with_sums(group, params, grads, states, scale, sums):
             return False
+        probe.add_sums(self, group, params, states, sums)
+        return True
+
+    def _compiled_step_with_sums(self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor],
+                                 states: list[dict], inv_scale: float | None, probe: Any) -> bool:
+        """op.telemetry on a compiled bucket: the C++ loop steps it and sums in the same pass (False, with
+        nothing changed, where it cannot: the recorder then copies the parameters and measures after)."""
+        done = self._apply(group, params, grads, states, False, True, inv_scale, with_sums=True)
+        if done is None:
+            return False
+        rows, names = done
+        sums = torch.zeros(len(params), 4, dtype=torch.float64)
+        sums[:, :3] = rows[:, :3]  # g^2 as stored: recording steps unscale first (_inverse_scale)
+        for i, (p, state) in enumerate(zip(params, states)):
+            name = probe.second_moment_name(p, state)
+            if name in names:
+                sums[i, 3] = rows[i, 3 + names.index(name)]
         probe.add_sums(self, group, params, states, sums)
         return True
 
@@ -438,8 +472,9 @@ class Optimizer(torch.optim.Optimizer):
         """The backend that steps ``params`` of ``group``.
 
         ``auto``: ``triton`` for CUDA tensors when its kernels cover the optimizer and options;
-        on CPU ``compiled`` for elementwise optimizers of at least ``COMPILE_THRESHOLD``
-        elements when a C++ compiler is found; else ``foreach`` (``reference`` when
+        on CPU ``compiled`` for elementwise optimizers of at least ``LOOP_THRESHOLD`` elements
+        (``COMPILE_THRESHOLD`` where Inductor, not the C++ loop, would compile) when a C++
+        compiler is found; else ``foreach`` (``reference`` when
         ``foreach=False``). An explicit ``triton`` that cannot run raises ``ValueError``.
         """
         backend = group["backend"]
@@ -458,7 +493,8 @@ class Optimizer(torch.optim.Optimizer):
             return "triton"
         if params and all(p.device.type == "cpu" for p in params) and _unavailable("compiled") is None:
             total = sum(p.numel() for g in self.param_groups for p in g["params"])
-            if total >= COMPILE_THRESHOLD:
+            looped = compiled_kernels.loops_cover({p.dtype for p in params})
+            if total >= (LOOP_THRESHOLD if looped else COMPILE_THRESHOLD):
                 return "compiled"
         return "foreach"
 
@@ -508,8 +544,15 @@ class Optimizer(torch.optim.Optimizer):
         return [not self._codecs(t, group, s) for t, s in zip(params, states)]
 
     def _apply(self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor], states: list[dict],
-               per_tensor: bool, compile: bool = False, inv_scale: float | None = None) -> None:
+               per_tensor: bool, compile: bool = False, inv_scale: float | None = None,
+               with_sums: bool = False) -> tuple[Tensor, list[str]] | None:
+        """Step one bucket. ``with_sums``: only through the compiled C++ loop that also sums (op.telemetry),
+        returning its rows and the names of the state columns, or None with nothing changed."""
         fusable = [False] * len(params) if per_tensor else self._torch_fusable(group, params, states)
+        if with_sums and (any(fusable) or resolve_compensation(group["compensation"], params[0].dtype) is not None
+                          or self.state_dtype(params[0], group) != params[0].dtype
+                          or any(self._codecs(p, group, s) for p, s in zip(params, states))):
+            return None
         if any(fusable):
             chosen = [i for i, f in enumerate(fusable) if f]
             if self.torch_fused_step(group, [params[i] for i in chosen], [grads[i] for i in chosen],
@@ -555,9 +598,13 @@ class Optimizer(torch.optim.Optimizer):
                                       group.get("lr", 0.0))
 
         arrays = {k: v.tensors for k, v in state.items() if isinstance(v, TensorList) and _is_array(views[0][k])}
-        if not (compile and not per_tensor and compiled_kernels.run(
-                lambda p_, g_, s_: self.update(p_, g_, s_, group, step), p.tensors, g.tensors, arrays,
-                {k: v for k, v in state.items() if k not in arrays}, prologue)):
+        compiled_args = () if per_tensor else (lambda p_, g_, s_: self.update(p_, g_, s_, group, step), p.tensors,
+                                               g.tensors, arrays, {k: v for k, v in state.items() if k not in arrays},
+                                               prologue)
+        if with_sums:  # nothing to encode or write back (checked above)
+            rows = compiled_kernels.run_with_sums(*compiled_args)
+            return None if rows is None else (rows, list(arrays))
+        if not (compile and not per_tensor and compiled_kernels.run(*compiled_args)):
             self.update(p, prologue(p, g), state, group, step)
         for view, stored, coded in zip(views, states, codecs):
             for name, codec in coded.items():

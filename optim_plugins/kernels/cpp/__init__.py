@@ -8,6 +8,8 @@
   update already holds.
 * ``quantize.cpp``: the 8-bit and 4-bit state codecs of :mod:`optim_plugins.kernels.quantize`
   (absmax, nearest code, packing; and back) in one pass per block, the same bytes as its eager code.
+* :mod:`.loops` (generated, not in this list): the compiled backend's recorded updates printed as
+  C++ loops, one small library per program, built with the same compiler and cache directory.
 
 Both are compiled together, once per source, torch version and CPU capability, with the C++
 compiler found (``$CXX``, ``c++``, ``g++`` or ``clang++``; about 15 s on 2 cores) into

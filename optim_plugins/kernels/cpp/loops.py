@@ -32,6 +32,7 @@ from . import CAPABILITY_FLAGS, _cached_library, _compiler, unavailable_reason
 __all__ = ["loop_for", "LoopStep"]
 
 _C_TYPES = {torch.float32: "float", torch.float64: "double"}
+DTYPES = tuple(_C_TYPES)
 
 # How each operation of compiled._OPS reads in C++ ({0}, {1}, ...: the operands, already names).
 _EXPRESSIONS = {
@@ -68,28 +69,54 @@ static inline T clamp_min(T x, T m) {{ return x != x ? x : (x < m ? m : x); }}
 static inline T clamp_max(T x, T m) {{ return x != x ? x : (x > m ? m : x); }}
 static inline T maximum(T a, T b) {{ return a != a ? a : (b != b ? b : (a < b ? b : a)); }}
 
-// ptrs[tensor * SLOTS + slot]; each thread steps one contiguous share of every tensor (at least
-// MIN_SHARE elements, in whole cache lines), the shares of small tensors rotated over the threads.
+constexpr int64_t SLOTS = {slots}, LINE = 64 / sizeof(T), MIN_SHARE = 4096, BLOCK = 1024;
+
 extern "C" void step(int64_t n, void* const* ptrs, const int64_t* sizes, const double* scalars, int threads) {{
-  constexpr int64_t SLOTS = {slots}, LINE = 64 / sizeof(T), MIN_SHARE = 4096;
 {constants}
-  #pragma omp parallel num_threads(threads)
-  {{
-    const int64_t workers = omp_get_num_threads(), me = omp_get_thread_num();
-    for (int64_t t = 0; t < n; ++t) {{
-      const int64_t size = sizes[t];
-      int64_t share = (size + workers - 1) / workers;
-      share = share < MIN_SHARE ? MIN_SHARE : (share + LINE - 1) / LINE * LINE;
-      const int64_t begin = ((me + t) % workers) * share;
-      const int64_t end = begin + share < size ? begin + share : size;
-{pointers}
-      #pragma omp simd
-      for (int64_t d = begin; d < end; ++d) {{
+{shares}{pointers}
+    #pragma omp simd
+    for (int64_t d = begin; d < end; ++d) {{
 {body}
-      }}
     }}
-  }}
+  }} }}
 }}
+
+// The same step, also writing each thread's sums over its share of tensor t to
+// partial[(thread * n + t) * SUMS + k]: g^2 (the gradient slot as stored), (new p - old p)^2, old p^2,
+// and the new value of each state slot. Summed in T over blocks of BLOCK elements, in double across them.
+extern "C" void step_sums(int64_t n, void* const* ptrs, const int64_t* sizes, const double* scalars, int threads,
+                          double* partial) {{
+  constexpr int64_t SUMS = 3 + SLOTS - 2;
+{constants}
+{shares}{pointers}
+    double total[SUMS] = {{}};
+    for (int64_t block = begin; block < end; block += BLOCK) {{
+      const int64_t stop = block + BLOCK < end ? block + BLOCK : end;
+{accumulators}
+      #pragma omp simd reduction(+: {reduced})
+      for (int64_t d = block; d < stop; ++d) {{
+{body}
+{summed}
+      }}
+{totals}
+    }}
+    for (int64_t k = 0; k < SUMS; ++k) partial[(me * n + t) * SUMS + k] = total[k];
+  }} }}
+}}
+"""
+
+# Opens the parallel region and the loop over tensors; each thread steps one contiguous share of
+# every tensor (at least MIN_SHARE elements, in whole cache lines), the shares of small tensors
+# rotated over the threads. Closed by "} }" in the functions above.
+_SHARES = """\
+  #pragma omp parallel num_threads(threads)
+  { const int64_t workers = omp_get_num_threads(), me = omp_get_thread_num();
+  for (int64_t t = 0; t < n; ++t) {
+    const int64_t size = sizes[t];
+    int64_t share = (size + workers - 1) / workers;
+    share = share < MIN_SHARE ? MIN_SHARE : (share + LINE - 1) / LINE * LINE;
+    const int64_t begin = ((me + t) % workers) * share;
+    const int64_t end = begin + share < size ? begin + share : size;
 """
 
 
@@ -98,16 +125,28 @@ class LoopStep:
     (a list, per tensor, of its slots' contiguous CPU tensors, all of one dtype)."""
 
     def __init__(self, library: ctypes.CDLL, slots: int):
-        self._step = library.step
-        self._step.restype = None
-        self._step.argtypes = [ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int]
+        self._step, self._step_sums = library.step, library.step_sums
+        arguments = [ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int]
+        for function, extra in ((self._step, []), (self._step_sums, [ctypes.c_void_p])):
+            function.restype, function.argtypes = None, arguments + extra
         self.slots = slots
 
     def __call__(self, inputs: Sequence[Sequence[Tensor]], scalars: Sequence[float]) -> None:
+        self._step(*self._arguments(inputs, scalars))
+
+    def with_sums(self, inputs: Sequence[Sequence[Tensor]], scalars: Sequence[float]) -> Tensor:
+        """The step, and per tensor (rows, float64): sum g^2 of the gradient slot as stored, sum of
+        (new p - old p)^2, sum old p^2, and the sum of each state slot's new value (slot 2, 3, ...)."""
+        arguments = self._arguments(inputs, scalars)
+        partial = torch.zeros(arguments[-1], len(inputs), 3 + self.slots - 2, dtype=torch.float64)
+        self._step_sums(*arguments, partial.data_ptr())
+        return partial.sum(0)
+
+    def _arguments(self, inputs: Sequence[Sequence[Tensor]], scalars: Sequence[float]) -> tuple:
         pointers = (ctypes.c_void_p * (len(inputs) * self.slots))(*(t.data_ptr() for ts in inputs for t in ts))
         sizes = (ctypes.c_int64 * len(inputs))(*(ts[0].numel() for ts in inputs))
         values = (ctypes.c_double * max(len(scalars), 1))(*scalars)
-        self._step(len(inputs), pointers, sizes, values, torch.get_num_threads())
+        return len(inputs), pointers, sizes, values, torch.get_num_threads()
 
 
 def source(program: tuple, mutated: tuple, slots: int, dtype: torch.dtype, n_scalars: int) -> str | None:
@@ -139,10 +178,16 @@ def source(program: tuple, mutated: tuple, slots: int, dtype: torch.dtype, n_sca
         else:
             names.append(f"v{index}")
     body += [f"        p{slot}[d] = {names[slot]};" for slot in mutated]
-    constants = "\n".join(f"  const T c{i} = T(scalars[{i}]);" for i in range(n_scalars))
-    pointers = "\n".join(f"      T* __restrict__ p{slot} = static_cast<T*>(ptrs[t * SLOTS + {slot}]);"
-                         for slot in range(slots))
-    return _PRELUDE.format(ctype=ctype, slots=slots, constants=constants, pointers=pointers, body="\n".join(body))
+    sums = range(3 + slots - 2)  # g^2, change^2, p^2, each state slot's new value
+    summed = ["        a0 += s1 * s1;", f"        const T change = {names[0]} - s0;", "        a1 += change * change;",
+              "        a2 += s0 * s0;", *(f"        a{3 + i} += {names[2 + i]};" for i in range(slots - 2))]
+    return _PRELUDE.format(
+        ctype=ctype, slots=slots, shares=_SHARES, body="\n".join(body),
+        constants="\n".join(f"  const T c{i} = T(scalars[{i}]);" for i in range(n_scalars)),
+        pointers="\n".join(f"    T* __restrict__ p{slot} = static_cast<T*>(ptrs[t * SLOTS + {slot}]);"
+                           for slot in range(slots)),
+        accumulators="      " + " ".join(f"T a{k} = 0;" for k in sums), reduced=", ".join(f"a{k}" for k in sums),
+        summed="\n".join(summed), totals="\n".join(f"      total[{k}] += a{k};" for k in sums))
 
 
 def _flags() -> list[str]:
