@@ -107,3 +107,33 @@ def test_gradient_norm_is_the_unscaled_one_under_grad_scaler(backend):
             assert units[n]["grad_norm"] == pytest.approx(float(grads[n].norm()), rel=1e-5)
             assert units[n]["update_norm"] == pytest.approx(float((p.detach().double() - old[n]).norm()), rel=1e-4)
     recorder.remove()
+
+
+def test_compiled_buckets_the_loop_cannot_sum_are_measured_around_the_step(monkeypatch):
+    """One group, two buckets (fp32, fp64) on the compiled backend: the fp32 one summed inside the C++
+    loop, the fp64 one (its loop made unavailable here) by the copy path; every number still equals
+    the re-computation, and only the fp64 parameters were copied."""
+    if compiled.unavailable_reason() is not None or not compiled.loops_cover({torch.float32}):
+        pytest.skip("no C++ loop here")
+    original = compiled.run_with_sums
+    monkeypatch.setattr(compiled, "run_with_sums",
+                        lambda update, p, *rest: None if p[0].dtype == torch.float64 else original(update, p, *rest))
+    g = torch.Generator().manual_seed(0)
+    params = [nn.Parameter(torch.randn(n, generator=g, dtype=dtype)) for n, dtype in
+              ((300, torch.float32), (40, torch.float64), (7, torch.float32), (9, torch.float64))]
+    optimizer = op.create_optimizer("lion", params, lr=1e-2, backend="compiled")
+    recorder = telemetry(optimizer, by="param")
+    for step in range(2):
+        old = [p.detach().double().clone() for p in params]
+        for i, p in enumerate(params):
+            p.grad = torch.sin(p.detach() * (step + 2) + i)
+        grads = [p.grad.double() for p in params]
+        optimizer.step()
+        units = recorder.history[-1]["units"]
+        for i, p in enumerate(params):
+            got = units[f"param{i}"]
+            assert got["grad_norm"] == pytest.approx(float(grads[i].norm()), rel=1e-5)
+            assert got["update_norm"] == pytest.approx(float((p.detach().double() - old[i]).norm()), rel=1e-4)
+            assert got["weight_norm"] == pytest.approx(float(old[i].norm()), rel=1e-5)
+    assert set(recorder._copies) == {id(params[1]), id(params[3])}
+    recorder.remove()
