@@ -35,9 +35,10 @@ Backend = Literal["auto", "reference", "foreach", "compiled", "triton"]
 AVAILABLE_BACKENDS = ("auto", "reference", "foreach", "compiled", "triton")
 # backend="auto" on CPU compiles only from this many elements in the optimizer (all groups).
 # LOOP_THRESHOLD where the compiled step is the C++ loop (float32/float64 parameters; its build
-# takes ~0.5 s once per program, and from 2^20 elements it saves 5-9 ms per step over foreach for
-# Lion and AdaBelief: repaid within ~100 steps); COMPILE_THRESHOLD where it is Inductor's code (bf16
-# parameters: seconds to minutes of compile per program). benchmarks/scale.md measures both sides.
+# takes ~0.5 s once per program, cached on disk, and at 2^20 elements it saved 1.7-9 ms per step
+# over foreach for Lion and AdaBelief in two runs: repaid within 60-300 steps); COMPILE_THRESHOLD
+# where it is Inductor's code (bf16 parameters: seconds to minutes of compile per program).
+# benchmarks/scale.md measures both sides.
 LOOP_THRESHOLD = 2**20
 COMPILE_THRESHOLD = 2**24
 DECODED_CHUNK = 2**22  # elements of coded (8/4-bit) states decoded at a time within a bucket
