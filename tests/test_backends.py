@@ -170,7 +170,7 @@ def test_auto_picks_foreach_for_small_models_and_compiled_from_the_threshold(mon
     expected = "compiled" if compiled_kernels.unavailable_reason() is None else "foreach"
     assert adamw.backend_for(adamw.param_groups[0], params) == expected
     assert lamb.backend_for(lamb.param_groups[0], params) == "reference"  # whole-tensor math stays per tensor
-    half = [torch.nn.Parameter(p.detach().bfloat16()) for p in params]  # Inductor's code: its own threshold
+    half = [torch.nn.Parameter(p.detach().half()) for p in params]  # float16: Inductor's code, its own threshold
     lion = op.create_optimizer("lion", half)
     assert lion.backend_for(lion.param_groups[0], half) == "foreach"
     monkeypatch.setattr(base, "COMPILE_THRESHOLD", total)

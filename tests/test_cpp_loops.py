@@ -137,13 +137,54 @@ def test_a_bucket_of_any_sizes_is_stepped_whole_by_any_number_of_threads():
 
 
 def test_programs_it_cannot_express_go_to_inductor():
-    """Mixed dtypes (a bf16 parameter with fp32 states) and conversions are left to Inductor's code."""
+    """float16 slots, float64 slots beside float32 ones, and conversions between them are left to Inductor."""
     program = (("mul_", 0, ("s", 0), ("c", 0)),)
-    assert loops.loop_for(program, (0,), (torch.bfloat16, torch.float32), 1) is None
-    assert loops.loop_for(program, (0,), (torch.bfloat16,) * 2, 1) is None
+    assert loops.loop_for(program, (0,), (torch.float16, torch.float32), 1) is None
+    assert loops.loop_for(program, (0,), (torch.float64, torch.float32), 1) is None
     conversion = (("to", 2, ("s", 1), ("k", torch.float32)), ("add_", 0, ("s", 0), ("s", 2), ("c", 0)))
     assert loops.loop_for(conversion, (0,), (torch.float64,) * 2, 1) is None
     assert loops.loop_for(conversion, (0,), (torch.float32,) * 2, 1) is not None  # to() its own dtype: nothing
+    assert loops.loop_for(conversion, (0,), (torch.bfloat16,) * 2, 1) is not None  # bf16 -> float32: a read
+
+
+@pytest.mark.parametrize("name", ["add", "mul", "div", "lerp", "addcmul", "addcdiv", "sqrt", "maximum", "copy"])
+def test_bfloat16_slots_round_as_torch_does(name):
+    """In-place operations on bfloat16 tensors: torch computes in float and rounds to bfloat16 once
+    (to nearest even): the same bits here, NaN and inf included; and a float32 operand promotes."""
+    x, y, z = (t.bfloat16() for t in operands(torch.float32))
+    scalars = [torch.tensor(s, dtype=torch.bfloat16).item() for s in SCALARS]  # exact in both
+    program = ((f"{name}_", 0, ("s", 0), *ARGS.get(name, [])),)
+    step = loops.loop_for(program, (0,), (torch.bfloat16,) * 3, len(scalars))
+    ours = x.clone()
+    step([[ours, y, z]], scalars)
+    # add: ATen's vectorized bf16 add is fmadd(y, alpha, x) in float, rounded once to bf16 (its scalar tail,
+    # at the end of each thread's range, rounds the product to bf16 first); the exact x + alpha * y of these
+    # bf16 numbers, rounded to float (= the FMA) and then to bf16, is that vector path's result
+    in_place = {"add": lambda: (x.double() + y.double() * scalars[0]).float().bfloat16(),
+                "addcmul": lambda: x.clone().addcmul_(y, z, value=scalars[0]),
+                "addcdiv": lambda: x.clone().addcdiv_(y, z, value=scalars[0])}
+    expected = in_place[name]() if name in in_place else TORCH[name](x, y, z, scalars)
+    torch.testing.assert_close(ours, expected, rtol=0, atol=0, equal_nan=True)
+
+
+def test_a_bfloat16_chain_rounds_each_value_torch_would_hold_in_bfloat16():
+    """p (bf16) += lr * m / sqrt(v) with m, v bfloat16 states and a float32 temporary in between:
+    torch's eager operations, one at a time, against the loop."""
+    program = (
+        ("lerp_low_", 2, ("s", 2), ("s", 1), ("c", 0)),    # m (bf16) <- lerp(m, g, 0.1): rounded
+        ("to", 4, ("s", 2), ("k", torch.float32)),           # m as float32: exact
+        ("sqrt", 5, ("s", 3)),                               # sqrt(v): bf16 out of place, rounded
+        ("div", 6, ("s", 4), ("s", 5)),                      # float32 / bf16 -> float32: not rounded
+        ("add_", 0, ("s", 0), ("s", 6), ("c", 1)),           # p (bf16) += -0.01 * that: rounded
+    )
+    g = torch.Generator().manual_seed(4)
+    p, grad, m = (torch.randn(2000, generator=g).bfloat16() for _ in range(3))
+    v = torch.rand(2000, generator=g).bfloat16() + 0.5
+    m_new = m.lerp(grad, 0.1)
+    expected = p.clone().add_(m_new.float() / v.sqrt(), alpha=-0.01)
+    loops.loop_for(program, (0, 2), (torch.bfloat16,) * 4, 2)([[p, grad, m, v]], [0.1, -0.01])
+    assert torch.equal(m, m_new)
+    torch.testing.assert_close(p, expected, rtol=0, atol=0)
 
 
 def test_compiled_backend_steps_float32_buckets_with_one_loop_call(monkeypatch):
@@ -187,3 +228,29 @@ def test_a_failing_build_warns_once_and_inductor_steps_instead(monkeypatch, tmp_
     messages = [str(w.message) for w in caught if "C++ loop could not be built" in str(w.message)]
     assert len(messages) == 1 and "false failed" in messages[0]
     assert inductor and torch.equal(params[0].detach(), torch.full((4,), -1.0))
+
+
+@pytest.mark.parametrize("compensation", [None, "kahan"])
+@pytest.mark.parametrize("name", ["adamw", "lion", "adabelief"])
+def test_bfloat16_parameters_step_on_the_loop_as_on_the_reference_backend(name, compensation, monkeypatch):
+    """bf16 parameters with bf16 states (compensation=None: every slot bf16; Kahan: a float32 working
+    copy beside bf16 gradients and states) run on the C++ loop, not Inductor, and agree with the
+    reference backend's eager bf16 operations to a bf16 unit after 5 steps."""
+    monkeypatch.setattr(compiled, "_compiled", lambda *a: pytest.fail("Inductor was asked to compile"))
+    results = {}
+    for backend in ("reference", "compiled"):
+        g = torch.Generator().manual_seed(0)
+        params = [torch.nn.Parameter(torch.randn(n, generator=g).bfloat16()) for n in (300, 7)]
+        opt = op.create_optimizer(name, params, lr=0.01, backend=backend, compensation=compensation)
+        for i in range(5):
+            for j, p in enumerate(params):
+                p.grad = torch.sin(p.detach().float() * (i + 1) + j).bfloat16()
+            opt.step()
+        results[backend] = [p.detach().float() + opt.state[p].get("compensation", torch.zeros(())).float()
+                            for p in params]
+    # Lion steps by lr * sign(c): where c is within a bf16 unit of 0 the backends may take opposite signs
+    # (ATen's scalar tails round bf16 intermediates where its vector body and the loop do not)
+    allowed = 0.01 if name == "lion" and compensation is None else 0.0
+    for ours, reference in zip(results["compiled"], results["reference"]):
+        differ = ~torch.isclose(ours, reference, rtol=2.0**-7, atol=2.0**-7)
+        assert differ.float().mean() <= allowed, (int(differ.sum()), ours[differ], reference[differ])

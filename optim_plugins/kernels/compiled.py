@@ -10,12 +10,12 @@ How it works (no second copy of any algorithm):
    step count, ...) goes into a list of scalars instead of into the program.
 2. *Compile once.* The program (the operations and their order: the structure of the
    update, without its numbers) plus the dtypes is the cache key of the compiled step.
-   Where every slot is float32 (or every slot float64) the program is printed as one C++
+   Where the slots are float32/bfloat16 (or all float64) the program is printed as one C++
    loop over the whole bucket (:mod:`optim_plugins.kernels.cpp.loops`: ~0.5 s to build,
    cached on disk; one call per bucket, each thread a share of every tensor), which runs
    at the speed of torch's fused AdamW kernel and can also sum op.telemetry's numbers in
-   the same pass (:func:`run_with_sums`). Other buckets (bf16 parameters, states kept in
-   another dtype) get a function compiled with ``torch.compile(fullgraph=True,
+   the same pass (:func:`run_with_sums`). Other buckets (fp16 or complex float64 mixes,
+   float64 parameters with float32 states) get a function compiled with ``torch.compile(fullgraph=True,
    dynamic=True)`` for one flattened tensor of any length: Inductor fuses the chain into
    one loop that reads p, g and the states once and writes them once. It is called once
    per tensor of the bucket, so every layer shape reuses the one compile (a per-bucket
@@ -405,7 +405,7 @@ def loops_cover(dtypes: set[torch.dtype]) -> bool:
     """Whether buckets of these parameter dtypes step through the C++ loop (where it can be built here)."""
     from .cpp import loops
 
-    return CPP_LOOPS and not _LOOP_FAILURES and dtypes <= set(loops.DTYPES) and loops.unavailable_reason() is None
+    return CPP_LOOPS and not _LOOP_FAILURES and loops.covers(dtypes) and loops.unavailable_reason() is None
 
 
 def _inductor_options() -> dict[str, Any]:

@@ -1,20 +1,23 @@
 """The recorded update of ``backend="compiled"`` written out as one C++ loop over a whole bucket.
 
 :mod:`optim_plugins.kernels.compiled` records an optimizer's ``update`` as a program of
-elementwise operations (its ``_OPS`` table). Where every slot of a bucket is float32 (or every
-slot float64) on CPU, this module prints that program as the body of a plain C++ loop, compiles
-it with the system compiler (-O3, ATen's vector ISA flags; about 0.5 s, cached on disk per
-program) and loads it with ctypes. One call steps every tensor of the bucket inside one OpenMP
-region, each thread taking its share of each tensor: no per-tensor call, no Python between
-tensors. Measured against Inductor's code for the same program (kernels/compiled.py): Inductor's
-loop ran ~10% slower than ATen's fused AdamW and each compiled call cost ~65 us of Dynamo and
-AOTAutograd host time; this loop runs at the fused kernel's speed (``benchmarks/results.md``).
+elementwise operations (its ``_OPS`` table). Where the slots of a bucket are float32 and bfloat16
+(computed in float) or all float64, on CPU, this module prints that program as the body of a plain
+C++ loop, compiles it with the system compiler (-O3, ATen's vector ISA flags; about 0.5 s, cached
+on disk per program) and loads it with ctypes. One call steps every tensor of the bucket inside
+one OpenMP region, each thread taking its share of each tensor: no per-tensor call, no Python
+between tensors. Measured against Inductor's code for the same programs (kernels/compiled.py):
+Inductor's loops ran 10-15% slower than ATen's fused AdamW and each compiled call cost ~65 us of
+Dynamo and AOTAutograd host time; these loops run at the fused kernel's speed
+(``benchmarks/results.md``).
 
 The operations mean what ``_OPS`` says they mean (same formulas, same operation order, no
-contraction into FMAs, ``sqrt`` and ``/`` correctly rounded), NaN as torch treats it
-(``clamp_min``, ``clamp_max`` and ``maximum`` propagate it, ``sign(nan) == 0``); numbers agree
-with the reference backend to fp32 rounding, as Inductor's do. Scalars are rounded to the
-slots' dtype once per step, as the compiled path does.
+contraction into FMAs except ``add``'s ``x + alpha * y``, one FMA as in ATen's vectorized add;
+``sqrt`` and ``/`` correctly rounded), NaN as torch treats it
+(``clamp_min``, ``clamp_max`` and ``maximum`` propagate it, ``sign(nan) == 0``), bfloat16 values
+rounded where torch's eager operations would round them; numbers agree with the reference
+backend to fp32 (bf16) rounding. Scalars are rounded to the work type once per step, as the
+compiled path does.
 """
 from __future__ import annotations
 
@@ -29,14 +32,17 @@ from torch import Tensor
 
 from . import CAPABILITY_FLAGS, _cached_library, _compiler, unavailable_reason
 
-__all__ = ["loop_for", "LoopStep"]
+__all__ = ["loop_for", "covers", "LoopStep"]
 
-_C_TYPES = {torch.float32: "float", torch.float64: "double"}
-DTYPES = tuple(_C_TYPES)
+# per slot dtype: how it is stored, the type the loop computes in, how it is loaded and stored
+_C_TYPES = {torch.float32: "float", torch.float64: "double", torch.bfloat16: "uint16_t"}
+_WORK_TYPES = {torch.float32: "float", torch.float64: "double", torch.bfloat16: "float"}
+_LOAD = {torch.float32: "{}", torch.float64: "{}", torch.bfloat16: "bf16_load({})"}
+_STORE = {torch.float32: "{}", torch.float64: "{}", torch.bfloat16: "bf16_bits({})"}
 
 # How each operation of compiled._OPS reads in C++ ({0}, {1}, ...: the operands, already names).
 _EXPRESSIONS = {
-    "add": "{0} + {1} * {2}",
+    "add": "std::fma({1}, {2}, {0})",  # as ATen's vectorized add(x, y, alpha): fmadd(y, alpha, x)
     "mul": "{0} * {1}",
     "div": "{0} / {1}",
     "lerp": "lerp2({0}, {1}, {2})",
@@ -61,16 +67,24 @@ _EXPRESSIONS = {
 _PRELUDE = """\
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <omp.h>
 
 typedef {ctype} T;
+// bfloat16 as torch (c10::BFloat16) reads it and rounds to it: to nearest even, NaN to 0x7FC0
+static inline float bf16_load(uint16_t x) {{ uint32_t u = uint32_t(x) << 16; float f; std::memcpy(&f, &u, 4); return f; }}
+static inline uint16_t bf16_bits(float f) {{
+  uint32_t u; std::memcpy(&u, &f, 4);
+  return f != f ? uint16_t(0x7FC0) : uint16_t((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
+}}
+static inline float bf16_round(float f) {{ return bf16_load(bf16_bits(f)); }}
 static inline T lerp2(T a, T b, T w) {{ return std::fabs(w) < T(0.5) ? a + w * (b - a) : b - (b - a) * (T(1) - w); }}
 // one select each (GCC vectorizes it); a NaN operand gives NaN, as in torch
 static inline T clamp_min(T x, T m) {{ return (x < m || m != m) ? m : x; }}
 static inline T clamp_max(T x, T m) {{ return (x > m || m != m) ? m : x; }}
 static inline T maximum(T a, T b) {{ return (a < b || b != b) ? b : a; }}
 
-constexpr int64_t SLOTS = {slots}, LINE = 64 / sizeof(T), MIN_SHARE = 4096, BLOCK = 1024;
+constexpr int64_t SLOTS = {slots}, LINE = 64, MIN_SHARE = 4096, BLOCK = 1024;  // LINE: elements
 
 extern "C" void step(int64_t n, void* const* ptrs, const int64_t* sizes, const double* scalars, int threads) {{
 {constants}
@@ -123,7 +137,7 @@ _SHARES = """\
 
 class LoopStep:
     """A compiled loop: ``step(inputs, scalars)`` runs the program on every tensor of ``inputs``
-    (a list, per tensor, of its slots' contiguous CPU tensors, all of one dtype)."""
+    (a list, per tensor, of its slots' contiguous CPU tensors, in the dtypes it was built for)."""
 
     def __init__(self, library: ctypes.CDLL, slots: int):
         self._step, self._step_sums = library.step, library.step_sums
@@ -150,43 +164,60 @@ class LoopStep:
         return len(inputs), pointers, sizes, values, torch.get_num_threads()
 
 
-def source(program: tuple, mutated: tuple, slots: int, dtype: torch.dtype, n_scalars: int) -> str | None:
-    """The C++ source of ``program`` for ``slots`` input slots of ``dtype``; None where an operation
-    or an operand is outside what the loop can express (the caller then takes Inductor's path)."""
-    ctype = _C_TYPES.get(dtype)
-    if ctype is None:
+def source(program: tuple, mutated: tuple, dtypes: Sequence[torch.dtype], n_scalars: int) -> str | None:
+    """The C++ source of ``program`` for input slots of ``dtypes``; None where an operation, an operand
+    or a dtype is outside what the loop can express (the caller then takes Inductor's path).
+
+    float64 slots compute in double; float32 and bfloat16 slots in float, a bfloat16 value rounded
+    (to nearest even, as torch) wherever torch would hold it in bfloat16: the result of an in-place
+    operation on a bfloat16 slot, or of an out-of-place one whose promoted dtype is bfloat16.
+    """
+    work = {_WORK_TYPES.get(dtype) for dtype in dtypes}
+    if len(work) != 1 or None in work:
         return None
-    names = [f"s{slot}" for slot in range(slots)]  # the current value of each slot, by name
-    body = [f"        const T s{slot} = p{slot}[d];" for slot in range(slots)]
+    ctype = work.pop()
+    kinds = list(dtypes)  # the dtype of each value, by slot
+    names = [f"s{slot}" for slot in range(len(dtypes))]  # the current value of each slot, by name
+    body = [f"        const T s{slot} = {_LOAD[dtype].format(f'p{slot}[d]')};" for slot, dtype in enumerate(dtypes)]
     for index, (op, dst, *args) in enumerate(program):
         name = op.rstrip("_")
-        operands = []
+        operands, operand_dtypes, target = [], [], None
         for kind, value in args:
             if kind == "s":
                 operands.append(names[value])
+                operand_dtypes.append(kinds[value])
             elif kind == "c":
                 operands.append(f"c{value}")
-            elif kind == "k" and name == "to" and value == dtype:
-                continue  # a conversion to the dtype every slot has already
+            elif kind == "k" and name == "to" and _WORK_TYPES.get(value) == ctype:
+                target = value
             else:
                 return None
         expression = _EXPRESSIONS.get(name)
         if expression is None:
             return None
-        body.append(f"        const T v{index} = {expression.format(*operands)};")
+        if op.endswith("_"):  # written into the slot: its dtype
+            result = kinds[dst]
+        elif target is not None:
+            result = target
+        else:  # torch's promotion of the tensor operands (host numbers do not promote)
+            result = functools.reduce(torch.promote_types, operand_dtypes)
+        text = expression.format(*operands)
+        body.append(f"        const T v{index} = {'bf16_round(' + text + ')' if result == torch.bfloat16 else text};")
         if dst < len(names):
-            names[dst] = f"v{index}"
+            names[dst], kinds[dst] = f"v{index}", result
         else:
             names.append(f"v{index}")
-    body += [f"        p{slot}[d] = {names[slot]};" for slot in mutated]
+            kinds.append(result)
+    body += [f"        p{slot}[d] = {_STORE[dtypes[slot]].format(names[slot])};" for slot in mutated]
+    slots = len(dtypes)
     sums = range(3 + slots - 2)  # g^2, change^2, p^2, each state slot's new value
     summed = ["        a0 += s1 * s1;", f"        const T change = {names[0]} - s0;", "        a1 += change * change;",
               "        a2 += s0 * s0;", *(f"        a{3 + i} += {names[2 + i]};" for i in range(slots - 2))]
     return _PRELUDE.format(
         ctype=ctype, slots=slots, shares=_SHARES, body="\n".join(body),
         constants="\n".join(f"  const T c{i} = T(scalars[{i}]);" for i in range(n_scalars)),
-        pointers="\n".join(f"    T* __restrict__ p{slot} = static_cast<T*>(ptrs[t * SLOTS + {slot}]);"
-                           for slot in range(slots)),
+        pointers="\n".join(f"    {_C_TYPES[dtype]}* __restrict__ p{slot} = "
+                           f"static_cast<{_C_TYPES[dtype]}*>(ptrs[t * SLOTS + {slot}]);" for slot, dtype in enumerate(dtypes)),
         accumulators="      " + " ".join(f"T a{k} = 0;" for k in sums), reduced=", ".join(f"a{k}" for k in sums),
         summed="\n".join(summed), totals="\n".join(f"      total[{k}] += a{k};" for k in sums))
 
@@ -217,11 +248,16 @@ def _loop(text: str, slots: int) -> LoopStep | str:
     return LoopStep(ctypes.CDLL(str(built)), slots)
 
 
+def covers(dtypes: set[torch.dtype]) -> bool:
+    """Whether slots of these dtypes can share a loop (one work type: float or double)."""
+    return len({_WORK_TYPES.get(dtype) for dtype in dtypes}) == 1 and dtypes <= set(_WORK_TYPES)
+
+
 def loop_for(program: tuple, mutated: tuple, dtypes: Sequence[torch.dtype], n_scalars: int
              ) -> Callable[[Sequence[Sequence[Tensor]], Sequence[float]], None] | str | None:
     """The compiled loop of ``program`` (built on first use), None where the program is outside what
     the loop expresses or no compiler is found here, or the build failure's message."""
-    if len(set(dtypes)) != 1 or unavailable_reason() is not None:
+    if unavailable_reason() is not None:
         return None
-    text = source(program, mutated, len(dtypes), dtypes[0], n_scalars)
+    text = source(program, mutated, dtypes, n_scalars)
     return None if text is None else _loop(text, len(dtypes))
