@@ -379,17 +379,18 @@ def _compiled(program: tuple, mutated: tuple, dtypes: tuple, scalar_dtype: torch
     return fn
 
 
-def _loop(program: tuple, mutated: tuple, dtypes: tuple, n_scalars: int) -> Callable[..., None] | None:
-    """The program as one C++ loop over the bucket (kernels/cpp/loops.py) where ``CPP_LOOPS`` is on and
-    it can express the program; else None (Inductor's path). A failed build warns once."""
+def _loop(program: tuple, mutated: tuple, dtypes: tuple, n_scalars: int, kahan: bool = False) -> Any:
+    """The program as one C++ loop over the bucket (a ``loops.LoopStep``, kernels/cpp/loops.py) where
+    ``CPP_LOOPS`` is on and it can express the program; else None (Inductor's path). A failed build
+    warns once."""
     global compile_count
     if not CPP_LOOPS:
         return None
-    key = (program, mutated, dtypes, n_scalars)
+    key = (program, mutated, dtypes, n_scalars, kahan)
     if key not in _LOOPS:
         from .cpp import loops
 
-        built = loops.loop_for(program, mutated, dtypes, n_scalars)
+        built = loops.loop_for(program, mutated, dtypes, n_scalars, kahan)
         if isinstance(built, str):
             if not _LOOP_FAILURES:
                 warnings.warn(f"optim_plugins: the compiled backend's C++ loop could not be built, so Inductor "
@@ -472,22 +473,29 @@ def _record(update: Callable[..., None], p: list[Tensor], g: list[Tensor], array
 
 
 def run(update: Callable[..., None], p: list[Tensor], g: list[Tensor], arrays: dict[str, list[Tensor]],
-        others: dict[str, Any], prologue: Callable[[Any, Any], Any]) -> bool:
+        others: dict[str, Any], prologue: Callable[[Any, Any], Any], compensations: list[Tensor] | None = None
+        ) -> bool:
     """Run ``update(p, g, state)`` on a bucket through a compiled replay; False if it cannot be recorded.
 
     ``arrays``: the parameter-shaped states (lists of tensors); ``others``: what the state holds
     besides them (0-d tensors as ``TensorList``s, Python values), passed through unrecorded
     (0-d tensors are cloned for the recording and copied back only when the step runs).
     ``prologue(p, g) -> g``: maximize, loss-scale and weight decay, recorded before ``update``.
+    ``compensations``: the Kahan compensations of bfloat16 parameters ``p``, for the C++ loop to
+    step ``p + compensation`` and write both back (False, nothing changed, where it cannot).
     Returns True when the step was done.
     """
     recorded = _record(update, p, g, arrays, others, prologue)
     if recorded is None:
         return False
     program, mutated, inputs, scalar_values, scalar_dtype, commit = recorded
-    commit()
     dtypes = tuple(t.dtype for t in inputs[0])
-    loop = _loop(program, mutated, dtypes, len(scalar_values))
+    loop = _loop(program, mutated, dtypes, len(scalar_values), compensations is not None)
+    if compensations is not None:
+        if loop is None or not all(c.is_contiguous() for c in compensations):
+            return False
+        inputs = [[*tensors, c] for tensors, c in zip(inputs, compensations)]
+    commit()
     if loop is not None:
         loop(inputs, scalar_values)
         return True

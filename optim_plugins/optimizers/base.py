@@ -573,7 +573,11 @@ class Optimizer(torch.optim.Optimizer):
         step = states[0]["step"].item()
         dtype = params[0].dtype
         mode = resolve_compensation(group["compensation"], dtype)
-        upcast = mode is not None or self.state_dtype(params[0], group) != dtype
+        # Kahan on bf16 parameters folded into the compiled C++ loop (p + compensation read, both written)
+        folded = (compile and not per_tensor and mode == "kahan" and self.state_dtype(params[0], group) == dtype
+                  and compiled_kernels.loops_cover({dtype})
+                  and not any(self._codecs(p, group, s) for p, s in zip(params, states)))
+        upcast = not folded and (mode is not None or self.state_dtype(params[0], group) != dtype)
         work = [working_copy(p, s.get("compensation")) for p, s in zip(params, states)] if upcast else params
         if upcast and self.state_dtype(params[0], group) != dtype:
             grads = [g.float() for g in grads]
@@ -605,6 +609,10 @@ class Optimizer(torch.optim.Optimizer):
         if with_sums:  # nothing to encode or write back (checked above)
             rows = compiled_kernels.run_with_sums(*compiled_args)
             return None if rows is None else (rows, list(arrays))
+        if folded:
+            if not compiled_kernels.run(*compiled_args, compensations=[s["compensation"] for s in states]):
+                self._apply(group, params, grads, states, per_tensor, False, inv_scale)  # working copies, eager
+            return None
         if not (compile and not per_tensor and compiled_kernels.run(*compiled_args)):
             self.update(p, prologue(p, g), state, group, step)
         for view, stored, coded in zip(views, states, codecs):

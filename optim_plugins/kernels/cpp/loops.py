@@ -15,8 +15,8 @@ The operations mean what ``_OPS`` says they mean (same formulas, same operation 
 contraction into FMAs except ``add``'s ``x + alpha * y``, one FMA as in ATen's vectorized add;
 ``sqrt`` and ``/`` correctly rounded), NaN as torch treats it
 (``clamp_min``, ``clamp_max`` and ``maximum`` propagate it, ``sign(nan) == 0``), bfloat16 values
-rounded where torch's eager operations would round them; numbers agree with the reference
-backend to fp32 (bf16) rounding. Scalars are rounded to the work type once per step, as the
+computed in float and rounded once where stored (as Inductor does); numbers agree with the
+reference backend to fp32 rounding (bf16 rounding where states or parameters are bf16). Scalars are rounded to the work type once per step, as the
 compiled path does.
 """
 from __future__ import annotations
@@ -25,7 +25,7 @@ import ctypes
 import functools
 import subprocess
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Sequence
 
 import torch
 from torch import Tensor
@@ -84,7 +84,7 @@ static inline T clamp_min(T x, T m) {{ return (x < m || m != m) ? m : x; }}
 static inline T clamp_max(T x, T m) {{ return (x > m || m != m) ? m : x; }}
 static inline T maximum(T a, T b) {{ return (a < b || b != b) ? b : a; }}
 
-constexpr int64_t SLOTS = {slots}, LINE = 64, MIN_SHARE = 4096, BLOCK = 1024;  // LINE: elements
+constexpr int64_t SLOTS = {slots}, SUMS = {sums}, LINE = 64, MIN_SHARE = 4096, BLOCK = 1024;  // LINE: elements
 
 extern "C" void step(int64_t n, void* const* ptrs, const int64_t* sizes, const double* scalars, int threads) {{
 {constants}
@@ -101,7 +101,6 @@ extern "C" void step(int64_t n, void* const* ptrs, const int64_t* sizes, const d
 // and the new value of each state slot. Summed in T over blocks of BLOCK elements, in double across them.
 extern "C" void step_sums(int64_t n, void* const* ptrs, const int64_t* sizes, const double* scalars, int threads,
                           double* partial) {{
-  constexpr int64_t SUMS = 3 + SLOTS - 2;
 {constants}
 {shares}{pointers}
     double total[SUMS] = {{}};
@@ -139,12 +138,12 @@ class LoopStep:
     """A compiled loop: ``step(inputs, scalars)`` runs the program on every tensor of ``inputs``
     (a list, per tensor, of its slots' contiguous CPU tensors, in the dtypes it was built for)."""
 
-    def __init__(self, library: ctypes.CDLL, slots: int):
+    def __init__(self, library: ctypes.CDLL, slots: int, sums: int):
         self._step, self._step_sums = library.step, library.step_sums
         arguments = [ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int]
         for function, extra in ((self._step, []), (self._step_sums, [ctypes.c_void_p])):
             function.restype, function.argtypes = None, arguments + extra
-        self.slots = slots
+        self.slots, self.sums = slots, sums
 
     def __call__(self, inputs: Sequence[Sequence[Tensor]], scalars: Sequence[float]) -> None:
         self._step(*self._arguments(inputs, scalars))
@@ -153,7 +152,7 @@ class LoopStep:
         """The step, and per tensor (rows, float64): sum g^2 of the gradient slot as stored, sum of
         (new p - old p)^2, sum old p^2, and the sum of each state slot's new value (slot 2, 3, ...)."""
         arguments = self._arguments(inputs, scalars)
-        partial = torch.zeros(arguments[-1], len(inputs), 3 + self.slots - 2, dtype=torch.float64)
+        partial = torch.zeros(arguments[-1], len(inputs), self.sums, dtype=torch.float64)
         self._step_sums(*arguments, partial.data_ptr())
         return partial.sum(0)
 
@@ -164,28 +163,36 @@ class LoopStep:
         return len(inputs), pointers, sizes, values, torch.get_num_threads()
 
 
-def source(program: tuple, mutated: tuple, dtypes: Sequence[torch.dtype], n_scalars: int) -> str | None:
+def source(program: tuple, mutated: tuple, dtypes: Sequence[torch.dtype], n_scalars: int,
+           kahan: bool = False) -> str | None:
     """The C++ source of ``program`` for input slots of ``dtypes``; None where an operation, an operand
     or a dtype is outside what the loop can express (the caller then takes Inductor's path).
 
-    float64 slots compute in double; float32 and bfloat16 slots in float, a bfloat16 value rounded
-    (to nearest even, as torch) wherever torch would hold it in bfloat16: the result of an in-place
-    operation on a bfloat16 slot, or of an out-of-place one whose promoted dtype is bfloat16.
+    float64 slots compute in double; float32 and bfloat16 slots in float, as Inductor computes them:
+    a bfloat16 value is rounded (to nearest even, as torch) where it is stored and where the program
+    converts to bfloat16 explicitly, not after every operation as eager bfloat16 arithmetic does
+    (rounding each intermediate doubled the step time of a bf16 AdamW), so this agrees with the
+    reference backend to bfloat16 rounding.
+
+    ``kahan``: slot 0 is a bfloat16 parameter whose Kahan compensation (bfloat16, the pointer after
+    the slots) is added to it when read and holds what rounding the new value into it lost when
+    written: precision.working_copy and write_back, in the same pass.
     """
     work = {_WORK_TYPES.get(dtype) for dtype in dtypes}
-    if len(work) != 1 or None in work:
+    if len(work) != 1 or None in work or (kahan and dtypes[0] != torch.bfloat16):
         return None
     ctype = work.pop()
-    kinds = list(dtypes)  # the dtype of each value, by slot
     names = [f"s{slot}" for slot in range(len(dtypes))]  # the current value of each slot, by name
     body = [f"        const T s{slot} = {_LOAD[dtype].format(f'p{slot}[d]')};" for slot, dtype in enumerate(dtypes)]
+    compensation = len(dtypes)  # its pointer's index (kahan)
+    if kahan:
+        body[0] = f"        const T s0 = bf16_load(p0[d]) + bf16_load(p{compensation}[d]);"
     for index, (op, dst, *args) in enumerate(program):
         name = op.rstrip("_")
-        operands, operand_dtypes, target = [], [], None
+        operands, target = [], None
         for kind, value in args:
             if kind == "s":
                 operands.append(names[value])
-                operand_dtypes.append(kinds[value])
             elif kind == "c":
                 operands.append(f"c{value}")
             elif kind == "k" and name == "to" and _WORK_TYPES.get(value) == ctype:
@@ -195,29 +202,27 @@ def source(program: tuple, mutated: tuple, dtypes: Sequence[torch.dtype], n_scal
         expression = _EXPRESSIONS.get(name)
         if expression is None:
             return None
-        if op.endswith("_"):  # written into the slot: its dtype
-            result = kinds[dst]
-        elif target is not None:
-            result = target
-        else:  # torch's promotion of the tensor operands (host numbers do not promote)
-            result = functools.reduce(torch.promote_types, operand_dtypes)
         text = expression.format(*operands)
-        body.append(f"        const T v{index} = {'bf16_round(' + text + ')' if result == torch.bfloat16 else text};")
+        body.append(f"        const T v{index} = {'bf16_round(' + text + ')' if target == torch.bfloat16 else text};")
         if dst < len(names):
-            names[dst], kinds[dst] = f"v{index}", result
+            names[dst] = f"v{index}"
         else:
             names.append(f"v{index}")
-            kinds.append(result)
-    body += [f"        p{slot}[d] = {_STORE[dtypes[slot]].format(names[slot])};" for slot in mutated]
+    stored = [slot for slot in mutated if not (kahan and slot == 0)]
+    body += [f"        p{slot}[d] = {_STORE[dtypes[slot]].format(names[slot])};" for slot in stored]
+    if kahan:  # p <- round(new); compensation <- round(new - p)
+        body += [f"        const uint16_t rounded = bf16_bits({names[0]});", "        p0[d] = rounded;",
+                 f"        p{compensation}[d] = bf16_bits({names[0]} - bf16_load(rounded));"]
     slots = len(dtypes)
     sums = range(3 + slots - 2)  # g^2, change^2, p^2, each state slot's new value
     summed = ["        a0 += s1 * s1;", f"        const T change = {names[0]} - s0;", "        a1 += change * change;",
               "        a2 += s0 * s0;", *(f"        a{3 + i} += {names[2 + i]};" for i in range(slots - 2))]
     return _PRELUDE.format(
-        ctype=ctype, slots=slots, shares=_SHARES, body="\n".join(body),
+        ctype=ctype, slots=slots + kahan, sums=3 + slots - 2, shares=_SHARES, body="\n".join(body),
         constants="\n".join(f"  const T c{i} = T(scalars[{i}]);" for i in range(n_scalars)),
         pointers="\n".join(f"    {_C_TYPES[dtype]}* __restrict__ p{slot} = "
-                           f"static_cast<{_C_TYPES[dtype]}*>(ptrs[t * SLOTS + {slot}]);" for slot, dtype in enumerate(dtypes)),
+                           f"static_cast<{_C_TYPES[dtype]}*>(ptrs[t * SLOTS + {slot}]);"
+                           for slot, dtype in enumerate([*dtypes, *[torch.bfloat16] * kahan])),
         accumulators="      " + " ".join(f"T a{k} = 0;" for k in sums), reduced=", ".join(f"a{k}" for k in sums),
         summed="\n".join(summed), totals="\n".join(f"      total[{k}] += a{k};" for k in sums))
 
@@ -240,12 +245,12 @@ def _build(text: str, out: Path) -> str | None:
 
 
 @functools.lru_cache(maxsize=None)
-def _loop(text: str, slots: int) -> LoopStep | str:
+def _loop(text: str, slots: int, sums: int) -> LoopStep | str:
     built = _cached_library("loops/step", "\0".join([text, _compiler() or "", *_flags()]),
                             functools.partial(_build, text))
     if isinstance(built, str):
         return built
-    return LoopStep(ctypes.CDLL(str(built)), slots)
+    return LoopStep(ctypes.CDLL(str(built)), slots, sums)
 
 
 def covers(dtypes: set[torch.dtype]) -> bool:
@@ -253,11 +258,12 @@ def covers(dtypes: set[torch.dtype]) -> bool:
     return len({_WORK_TYPES.get(dtype) for dtype in dtypes}) == 1 and dtypes <= set(_WORK_TYPES)
 
 
-def loop_for(program: tuple, mutated: tuple, dtypes: Sequence[torch.dtype], n_scalars: int
-             ) -> Callable[[Sequence[Sequence[Tensor]], Sequence[float]], None] | str | None:
+def loop_for(program: tuple, mutated: tuple, dtypes: Sequence[torch.dtype], n_scalars: int, kahan: bool = False
+             ) -> LoopStep | str | None:
     """The compiled loop of ``program`` (built on first use), None where the program is outside what
-    the loop expresses or no compiler is found here, or the build failure's message."""
+    the loop expresses or no compiler is found here, or the build failure's message. ``kahan``: each
+    tensor's inputs end with its parameter's Kahan compensation (see :func:`source`)."""
     if unavailable_reason() is not None:
         return None
-    text = source(program, mutated, dtypes, n_scalars)
-    return None if text is None else _loop(text, len(dtypes))
+    text = source(program, mutated, dtypes, n_scalars, kahan)
+    return None if text is None else _loop(text, len(dtypes) + kahan, 3 + len(dtypes) - 2)
