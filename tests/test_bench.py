@@ -40,3 +40,16 @@ def test_state_memory_table_counts_bytes_per_parameter():
     assert rows["adafactor"] < 0.05  # factored row/column moments of the 1024x1024 weight
     assert rows["sgd"] < 1e-3  # no momentum: only step counters
     assert "| adamw | 8.00 |" in memory_markdown(list(zip(rows, rows.values(), rows.values())), None, "test")
+
+
+def test_bf16_suite_times_every_variant_beside_torchs_fused_adamw(tmp_path):
+    from optim_plugins.cli import main
+
+    out = tmp_path / "bf16.md"
+    assert main(["bench", "--suite", "bf16", "--optimizers", "lion", "--params", "20000", "--repeats", "1",
+                 "-o", str(out)]) == 0
+    table = out.read_text()
+    for variant in ("torch AdamW fused=True, fp32", "torch AdamW fused=True, bf16", "lion Kahan, backend=compiled",
+                    "lion Kahan, backend=foreach", "lion no compensation, backend=compiled"):
+        assert f"| {variant} |" in table
+    assert "(Inductor)" not in table  # Inductor's variant only from COMPILED_FROM parameters

@@ -16,13 +16,15 @@ SUITES = {
     "scale": "step time vs parameter count and vs number of tensors (writes a PNG)",
     "lean": "peak memory and step time of memory-lean AdamW modes (bf16+Kahan, 8/4-bit, GaLore, release)",
     "telemetry": "step-time overhead of op.telemetry recording every step",
+    "bf16": "step time with bf16 parameters (Kahan compensation or none) per backend, vs torch's fused AdamW",
     "sharded": "optimizer-state bytes per rank under ShardedOptimizer, 2 and 4 gloo processes",
 }
 DEFAULT_OUTPUT = {"speed": "benchmarks/results.md", "memory": "benchmarks/state_memory.md",
                   "sharded": "benchmarks/sharded_state.md"}
 # Options a suite gets when the command line leaves them out (None).
 COMMON_DEFAULTS = {"optimizers": "adamw,sgd,rmsprop", "params": 4e6}
-SUITE_DEFAULTS = {"telemetry": {"optimizers": "adamw,adamw@foreach,adafactor,adam8bit", "params": 2e7}}
+SUITE_DEFAULTS = {"telemetry": {"optimizers": "adamw,adamw@foreach,adafactor,adam8bit", "params": 2e7},
+                  "bf16": {"optimizers": "adamw,lion", "params": 2e7}}
 
 
 def run_suite(name: str, args: argparse.Namespace, command: str) -> str:
