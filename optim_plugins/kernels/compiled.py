@@ -14,9 +14,9 @@ How it works (no second copy of any algorithm):
    loop over the whole bucket (:mod:`optim_plugins.kernels.cpp.loops`: ~0.5 s to build,
    cached on disk; one call per bucket, each thread a share of every tensor), which runs
    at the speed of torch's fused AdamW kernel and can also sum op.telemetry's numbers in
-   the same pass (:func:`run_with_sums`). Other buckets (fp16 or complex float64 mixes,
-   float64 parameters with float32 states) get a function compiled with ``torch.compile(fullgraph=True,
-   dynamic=True)`` for one flattened tensor of any length: Inductor fuses the chain into
+   the same pass (:func:`run_with_sums`). Other buckets (float16, float64 beside another
+   dtype) get a function compiled with ``torch.compile(fullgraph=True, dynamic=True)`` for
+   one flattened tensor of any length: Inductor fuses the chain into
    one loop that reads p, g and the states once and writes them once. It is called once
    per tensor of the bucket, so every layer shape reuses the one compile (a per-bucket
    graph of all tensors compiled one kernel per tensor and took minutes for 21 tensors).
@@ -55,10 +55,11 @@ numbers, so passing 0-d tensors would change every optimizer's math.
 
 Limits (the bucket then runs on the ``foreach`` path, same numbers): updates that look at
 values (``.item()`` of a bucket, iteration over tensors: per-tensor norms such as AdaNorm),
-operations outside the table below, complex tensors in a 0-d state. Precision (Kahan,
-stochastic rounding, ``state_dtype``) and state codecs stay passes around the compiled
-update (correct, but they cost their extra reads and writes; 8/4-bit states are decoded and
-coded by the C++ codec of :mod:`optim_plugins.kernels.cpp` on CPU). Results equal the
+operations outside the table below, complex tensors in a 0-d state. Kahan compensation of
+bf16 parameters is read and written inside the C++ loop (``run(..., compensations=)``);
+stochastic rounding, ``state_dtype`` and state codecs stay passes around the compiled update
+(correct, but they cost their extra reads and writes; 8/4-bit states are decoded and coded by
+the C++ codec of :mod:`optim_plugins.kernels.cpp` on CPU). Results equal the
 reference backend to fp32 rounding, not bit for bit: torch's eager kernels may contract
 ``a * b + c`` into one rounding where the loop and Inductor round twice, and host numbers are
 folded as said above. States
@@ -355,7 +356,7 @@ def _replay(tensors: list[Tensor], scalars: Tensor) -> None:
 PACK_BELOW = 2**16
 _CACHE: dict[tuple, Callable[..., None]] = {}
 compile_count = 0  # compiled functions and loops created in this process (tests read it)
-# Step float32/float64 buckets with a C++ loop printed from the program (kernels/cpp/loops.py) rather
+# Step float32/bfloat16/float64 buckets with a C++ loop printed from the program (kernels/cpp/loops.py) rather
 # than with Inductor's code: one call per bucket, no Dynamo guards per tensor (~65 us each).
 CPP_LOOPS = True
 _LOOPS: dict[tuple, Callable[..., None] | None] = {}

@@ -34,10 +34,10 @@ from .precision import LOW_PRECISION, StoredAs, resolve_compensation, working_co
 Backend = Literal["auto", "reference", "foreach", "compiled", "triton"]
 AVAILABLE_BACKENDS = ("auto", "reference", "foreach", "compiled", "triton")
 # backend="auto" on CPU compiles only from this many elements in the optimizer (all groups).
-# LOOP_THRESHOLD where the compiled step is the C++ loop (float32/float64 parameters; its build
+# LOOP_THRESHOLD where the compiled step is the C++ loop (float32/float64/bfloat16 parameters; its build
 # takes ~0.5 s once per program, cached on disk, and at 2^20 elements it saved 1.7-9 ms per step
 # over foreach for Lion and AdaBelief in two runs: repaid within 60-300 steps); COMPILE_THRESHOLD
-# where it is Inductor's code (bf16 parameters: seconds to minutes of compile per program).
+# where it is Inductor's code (float16 parameters: seconds to minutes of compile per program).
 # benchmarks/scale.md measures both sides.
 LOOP_THRESHOLD = 2**20
 COMPILE_THRESHOLD = 2**24
