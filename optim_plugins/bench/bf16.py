@@ -17,7 +17,7 @@ from typing import Any, Callable
 
 import torch
 
-from .speed import COMPILED_FROM, _OnInductor, _trained, make_params
+from .speed import COMPILED_FROM, _OnInductor, _trained, interleaved, make_params
 
 BASELINES = ("torch AdamW fused=True, fp32", "torch AdamW fused=True, bf16")
 
@@ -66,13 +66,7 @@ def run(names: list[str], total: int, repeats: int, warmup: int = 2) -> tuple[di
         for _ in range(warmup):
             optimizer.step()
         built[variant] = optimizer
-    times: dict[str, list[float]] = {variant: [] for variant in built}
-    for _ in range(repeats):
-        for variant, optimizer in built.items():
-            start = time.perf_counter()
-            optimizer.step()
-            times[variant].append(1e3 * (time.perf_counter() - start))
-    return {v: statistics.median(t) for v, t in times.items()}, first, numel
+    return {v: statistics.median(t) for v, t in interleaved(built, repeats).items()}, first, numel
 
 
 def markdown(ms: dict[str, float], first: dict[str, float], numel: int, command: str) -> str:

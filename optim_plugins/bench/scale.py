@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from .speed import make_params
+from .speed import interleaved, make_params
 
 SIZES = (1_000_000, 4_000_000, 16_000_000, 64_000_000, 200_000_000)
 MANY_TENSORS = (1000, 1024)  # count, elements each
@@ -51,13 +51,7 @@ def measure(params: list, repeats: int, warmup: int = 1) -> tuple[dict[str, floa
         for _ in range(warmup):
             optimizer.step()
         built[name] = optimizer
-    times: dict[str, list[float]] = {name: [] for name in built}
-    for _ in range(repeats):
-        for name, optimizer in built.items():
-            start = time.perf_counter()
-            optimizer.step()
-            times[name].append(1e3 * (time.perf_counter() - start))
-    return {name: statistics.median(t) for name, t in times.items()}, first
+    return {name: statistics.median(t) for name, t in interleaved(built, repeats).items()}, first
 
 
 def run(cap: float, repeats: int) -> list[tuple[str, int, int, dict[str, float], float]]:

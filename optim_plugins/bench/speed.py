@@ -20,7 +20,7 @@ import statistics
 import sys
 import time
 from dataclasses import dataclass
-from typing import Callable
+from typing import Any, Callable, Mapping
 
 import torch
 
@@ -90,6 +90,18 @@ def _state_bytes(optimizer: torch.optim.Optimizer, numel: int) -> float:
     state = sum(v.numel() * v.element_size() for s in optimizer.state.values() for v in s.values()
                 if torch.is_tensor(v) and v.dim() > 0)
     return state / numel
+
+
+def interleaved(optimizers: Mapping[str, Any], repeats: int) -> dict[str, list[float]]:
+    """ms per step of each optimizer over ``repeats`` rounds of one step each in turn (a busy machine
+    slows them alike, so ratios within a round hold)."""
+    times: dict[str, list[float]] = {name: [] for name in optimizers}
+    for _ in range(repeats):
+        for name, optimizer in optimizers.items():
+            start = time.perf_counter()
+            optimizer.step()
+            times[name].append(1e3 * (time.perf_counter() - start))
+    return times
 
 
 def time_steps(make: Callable[[list], torch.optim.Optimizer], params: list, warmup: int, repeats: int) -> tuple[float, float]:
@@ -190,12 +202,7 @@ def run(names: list[str], total: int = 4_000_000, warmup: int = 3, repeats: int 
                 built[variant] = optimizer
             except Exception as exc:  # a failing variant is reported, not fatal
                 errors[variant] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:80]}"
-        times: dict[str, list[float]] = {v: [] for v in built}
-        for _ in range(repeats):
-            for variant, optimizer in built.items():
-                start = time.perf_counter()
-                optimizer.step()
-                times[variant].append(1e3 * (time.perf_counter() - start))
+        times = interleaved(built, repeats)
         base = statistics.median(times[BASELINE]) if BASELINE in times else None
         for variant in variants(name, backends):
             if variant == BASELINE and name != "adamw":
