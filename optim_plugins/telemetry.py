@@ -62,7 +62,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
-from .memory import state_bytes
+from .memory import state_bytes, state_tensors
 
 SECOND_MOMENT_KEYS = ("exp_avg_sq", "exp_avg_var", "square_avg", "sum", "v")
 METRICS = ("grad_norm", "update_norm", "weight_norm", "update_ratio", "lr", "second_moment")
@@ -236,6 +236,7 @@ class Telemetry:
         self._acc: list | None = None
         self._outside: list | None = None
         self._copies: dict[int, Tensor] = {}  # the parameters before a recorded step (CPU: reused)
+        self._bytes: tuple[tuple, int] = ((), 0)  # state_bytes and the state tensors it was counted for
         self._handles = [optimizer.register_step_pre_hook(self._pre), optimizer.register_step_post_hook(self._post)]
         optimizer.__dict__["_telemetry_recorder"] = self  # one recorder per optimizer
         if self.path is not None:
@@ -350,13 +351,16 @@ class Telemetry:
     second_moment_name = staticmethod(_second_moment_name)
 
     def add_sums(self, optimizer: Any, group: Mapping[str, Any], params: list[Tensor],
-                 states: list[Mapping[str, Any]], sums: Tensor) -> None:
+                 states: list[Mapping[str, Any]], sums: Tensor, moments: list[str | None] | None = None) -> None:
         """Sums a kernel computed during the step, one row per parameter: g^2, update^2, old p^2 and
-        the second moment named by :meth:`second_moment_name` (Triton kernels, the C++ Adam/SGD kernels)."""
+        the second moment named by :meth:`second_moment_name` (Triton kernels, the C++ kernels and
+        loops); ``moments``: those names where the caller looked them up already."""
         if self._acc is None:
             return
         norms = sums[:, :3].clamp_min(0).sqrt()
-        counts = [0 if _second_moment_name(p, s) is None else p.numel() for p, s in zip(params, states)]
+        if moments is None:
+            moments = [_second_moment_name(p, s) for p, s in zip(params, states)]
+        counts = [0 if m is None else p.numel() for p, m in zip(params, moments)]
         self._keep(optimizer, group, params, states, torch.cat([norms, sums[:, 3:]], dim=1), counts)
 
     def _keep(self, optimizer: Any, group: Mapping[str, Any], params: list[Tensor], states: list[Mapping[str, Any]],
@@ -366,6 +370,14 @@ class Telemetry:
         effective = getattr(optimizer, "effective_lr", None)
         lrs = [float(effective(group, s)) if effective is not None else float(group.get("lr") or 0.0) for s in states]
         self._acc.append(([id(p) for p in params], stats, lrs, counts))
+
+    def _state_bytes(self, optimizer: Any) -> int:
+        """:func:`state_bytes`, counted again only when a state tensor was added, replaced, moved or
+        resized since the last record (counting walks every storage: ~17 us per parameter)."""
+        key = tuple((id(t), t.data_ptr(), t.numel()) for state in optimizer.state.values() for t in state_tensors(state))
+        if key != self._bytes[0]:
+            self._bytes = (key, state_bytes(optimizer))
+        return self._bytes[1]
 
     def _record(self, optimizer: Any) -> None:
         acc, self._acc = self._acc or [], None
@@ -389,7 +401,7 @@ class Telemetry:
                            "update_ratio": math.sqrt(u2) / w if w > 0 else math.nan, "lr": lr / n}
             if vn:
                 units[name]["second_moment"] = math.sqrt(v / vn)
-        record = {"step": self.steps, "state_bytes": state_bytes(optimizer),
+        record = {"step": self.steps, "state_bytes": self._state_bytes(optimizer),
                   "skipped_steps": int(getattr(optimizer, "skipped_steps", 0) or 0), "units": units}
         if self.alert_config is not None:
             self._check(units, nonfinite)

@@ -137,3 +137,25 @@ def test_compiled_buckets_the_loop_cannot_sum_are_measured_around_the_step(monke
             assert got["weight_norm"] == pytest.approx(float(old[i].norm()), rel=1e-5)
     assert set(recorder._copies) == {id(params[1]), id(params[3])}
     recorder.remove()
+
+
+def test_state_bytes_follow_new_and_replaced_states():
+    """The record's state_bytes (counted again only when state tensors change) after a group is added
+    and after a state tensor is replaced by a copy."""
+    model, x, y = model_and_data()
+    optimizer = op.create_optimizer("adamw", model[0].parameters(), lr=1e-2)
+    recorder = telemetry(optimizer)
+    counted = []
+    for step in range(3):
+        if step == 1:
+            optimizer.add_param_group({"params": list(model[2].parameters())})
+        if step == 2:
+            state = optimizer.state[model[0].weight]
+            state["exp_avg"] = state["exp_avg"].clone()  # another storage of the same size
+        optimizer.zero_grad()
+        nn.functional.mse_loss(model(x), y).backward()
+        optimizer.step()
+        counted.append(recorder.history[-1]["state_bytes"])
+        assert counted[-1] == op.state_bytes(optimizer)
+    assert counted[0] < counted[1] == counted[2]
+    recorder.remove()

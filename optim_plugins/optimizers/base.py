@@ -438,14 +438,11 @@ class Optimizer(torch.optim.Optimizer):
         done = self._apply(group, params, grads, states, False, True, inv_scale, with_sums=True)
         if done is None:
             return False
-        rows, names = done
-        sums = torch.zeros(len(params), 4, dtype=torch.float64)
-        sums[:, :3] = rows[:, :3]  # g^2 as stored: recording steps unscale first (_inverse_scale)
-        for i, (p, state) in enumerate(zip(params, states)):
-            name = probe.second_moment_name(p, state)
-            if name in names:
-                sums[i, 3] = rows[i, 3 + names.index(name)]
-        probe.add_sums(self, group, params, states, sums)
+        rows, names = done  # g^2 of the gradient as stored: recording steps unscale first (_inverse_scale)
+        moments = [probe.second_moment_name(p, state) for p, state in zip(params, states)]
+        sums = torch.tensor([[*row[:3], row[3 + names.index(m)] if m in names else 0.0]
+                             for row, m in zip(rows.tolist(), moments)], dtype=torch.float64)
+        probe.add_sums(self, group, params, states, sums, moments)
         return True
 
     def _triton_step(self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor], states: list[dict],
