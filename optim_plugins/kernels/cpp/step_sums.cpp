@@ -91,7 +91,7 @@ inline at::vec::Vectorized<scalar_t> step_grad(scalar_t* g, int64_t d, const flo
     grad = grad / Vec(scalar_t(*grad_scale));
     grad.store(g + d);
   }
-  acc_g = acc_g + grad * grad;
+  acc_g = at::vec::fmadd(grad, grad, acc_g);  // the sums' FMAs touch no update bit
   return maximize ? grad * Vec(scalar_t(-1.0)) : grad;
 }
 
@@ -112,8 +112,8 @@ template <typename scalar_t>
 inline void add_change(const at::vec::Vectorized<scalar_t>& param, const at::vec::Vectorized<scalar_t>& old_p,
                        at::vec::Vectorized<scalar_t>& acc_u, at::vec::Vectorized<scalar_t>& acc_p) {
   const at::vec::Vectorized<scalar_t> change = param - old_p;
-  acc_u = acc_u + change * change;
-  acc_p = acc_p + old_p * old_p;
+  acc_u = at::vec::fmadd(change, change, acc_u);
+  acc_p = at::vec::fmadd(old_p, old_p, acc_p);
 }
 
 // ------------------------------------------------------------------------------------------ Adam
