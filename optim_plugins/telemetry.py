@@ -27,16 +27,17 @@ Cost. Off (the default, or after ``remove()``) it costs nothing: no hook, no att
 state. On, the steps it does not record cost one torch step pre-hook. A recording step takes the
 four sums (g^2, update^2, old p^2, v) per tensor inside the step's own pass where the step has a
 kernel for it (one extra reduction, no copy; :meth:`Telemetry.add_sums`): the Triton kernels
-(``backend="triton"``), and on CPU, for groups ``backend="auto"`` hands to torch's fused Adam/AdamW
-or SGD kernel, the C++ kernels of :mod:`optim_plugins.kernels.cpp` (the same bits as torch's; +4% to
-+11% of a 20M-parameter AdamW step, +20% of a plain SGD one, see ``benchmarks/telemetry.md``). Elsewhere a recording step copies
+(``backend="triton"``); on CPU, for groups ``backend="auto"`` hands to torch's fused Adam/AdamW
+or SGD kernel, the C++ kernels of :mod:`optim_plugins.kernels.cpp` (the same bits as torch's), and
+for buckets of the compiled backend the twin of its C++ loop that sums (kernels/cpp/loops.py); a
+few percent of a 20M-parameter step, more for plain SGD (``benchmarks/telemetry.md``). Elsewhere
+(foreach, per-tensor optimizers, 8/4-bit states, Kahan-compensated parameters) a recording step copies
 the stepped parameters once (the update is new minus old: an exact update norm needs the old
 values; on CPU the copy's memory is kept while the recorder is on, as fresh allocations there
 cost page faults), takes the norms as multi-tensor reductions (``torch._foreach_norm``; the
 update in place in the copy) and one sum of v per tensor, keeps them as tensors and syncs once
 per record. These are eager passes (about 36 bytes per parameter): recording every step adds about
-40% to a foreach AdamW step on a 2-core CPU and 2-3x to the compiled backend's one fused pass;
-record every N steps to divide that by N.
+40% to a foreach AdamW step on a 2-core CPU; record every N steps to divide that by N.
 Optimizers on this package's base class are measured inside the step machinery (one
 attribute check per group step); any other ``torch.optim.Optimizer`` (torch.optim.*, the
 SAM/Lookahead wrappers) is measured by a step pre-/post-hook pair around the whole step:

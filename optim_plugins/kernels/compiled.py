@@ -433,6 +433,7 @@ class _Recorded(NamedTuple):
     program: tuple
     mutated: tuple
     inputs: list[list[Tensor]]  # per tensor: p, g, then the arrays' tensors in order
+    dtypes: tuple  # of those slots
     scalars: list[float]
     scalar_dtype: torch.dtype
     commit: Callable[[], None]  # writes the recorded 0-d states back (once the step runs)
@@ -470,7 +471,7 @@ def _record(update: Callable[..., None], p: list[Tensor], g: list[Tensor], array
         for name, original in saved.items():
             original.copy_(state[name])
 
-    return _Recorded(program, mutated, inputs, tape.scalars, scalar_dtype, commit)
+    return _Recorded(program, mutated, inputs, tuple(t.dtype for t in inputs[0]), tape.scalars, scalar_dtype, commit)
 
 
 def run(update: Callable[..., None], p: list[Tensor], g: list[Tensor], arrays: dict[str, list[Tensor]],
@@ -489,8 +490,7 @@ def run(update: Callable[..., None], p: list[Tensor], g: list[Tensor], arrays: d
     recorded = _record(update, p, g, arrays, others, prologue)
     if recorded is None:
         return False
-    program, mutated, inputs, scalar_values, scalar_dtype, commit = recorded
-    dtypes = tuple(t.dtype for t in inputs[0])
+    program, mutated, inputs, dtypes, scalar_values, scalar_dtype, commit = recorded
     loop = _loop(program, mutated, dtypes, len(scalar_values), compensations is not None)
     if compensations is not None:
         if loop is None or not all(c.is_contiguous() for c in compensations):
@@ -520,7 +520,7 @@ def run_with_sums(update: Callable[..., None], p: list[Tensor], g: list[Tensor],
     recorded = _record(update, p, g, arrays, others, prologue)
     if recorded is None:
         return None
-    loop = _loop(recorded.program, recorded.mutated, tuple(t.dtype for t in recorded.inputs[0]), len(recorded.scalars))
+    loop = _loop(recorded.program, recorded.mutated, recorded.dtypes, len(recorded.scalars))
     if loop is None:
         return None
     recorded.commit()

@@ -491,8 +491,8 @@ class Optimizer(torch.optim.Optimizer):
             return "triton"
         if params and all(p.device.type == "cpu" for p in params) and _unavailable("compiled") is None:
             total = sum(p.numel() for g in self.param_groups for p in g["params"])
-            looped = compiled_kernels.loops_cover({p.dtype for p in params})
-            if total >= (LOOP_THRESHOLD if looped else COMPILE_THRESHOLD):
+            if total >= COMPILE_THRESHOLD or (total >= LOOP_THRESHOLD  # the dtypes looked at only from there
+                                              and compiled_kernels.loops_cover({p.dtype for p in params})):
                 return "compiled"
         return "foreach"
 

@@ -152,7 +152,8 @@ class LoopStep:
         """The step, and per tensor (rows, float64): sum g^2 of the gradient slot as stored, sum of
         (new p - old p)^2, sum old p^2, and the sum of each state slot's new value (slot 2, 3, ...)."""
         arguments = self._arguments(inputs, scalars)
-        partial = torch.zeros(arguments[-1], len(inputs), self.sums, dtype=torch.float64)
+        threads = arguments[-1]
+        partial = torch.zeros(threads, len(inputs), self.sums, dtype=torch.float64)  # one row block per thread
         self._step_sums(*arguments, partial.data_ptr())
         return partial.sum(0)
 
