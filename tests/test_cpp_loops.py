@@ -233,3 +233,158 @@ def test_kahan_compensation_is_read_and_written_in_the_loop_as_precision_does():
     step = loops.loop_for(program, (0,), (torch.bfloat16,) * 2, 1, kahan=True)
     step([[p, grad, compensation]], [-1e-3])
     assert torch.equal(p, expected_p) and torch.equal(compensation, expected_c)
+
+
+# ----------------------------------------------------------------------------- 8/4-bit states inside the loop
+
+
+def _codec(bits, signed, block_size):
+    """quantize.py's public coder and decoder of one format (tested against bitsandbytes and lpmm's maps)."""
+    from optim_plugins.kernels import quantize
+
+    if bits == 8:
+        return (lambda x, codes, absmax: quantize.quantize_blockwise_(x, codes, absmax, signed, block_size),
+                lambda codes, absmax, n: quantize.dequantize_blockwise(codes, absmax, signed, block_size),
+                lambda n: torch.empty(n, dtype=torch.uint8))
+    return (lambda x, codes, absmax: quantize.quantize_4bit_blockwise_(x, codes, absmax, signed, block_size),
+            lambda codes, absmax, n: quantize.dequantize_4bit_blockwise(codes, absmax, (n,), signed, block_size),
+            lambda n: torch.empty(quantize.num_bytes_4bit(n), dtype=torch.uint8))
+
+
+@pytest.mark.parametrize("bits,signed", [(8, True), (8, False), (4, True), (4, False)])
+def test_coded_states_are_decoded_stepped_and_coded_in_the_loop_as_in_three_passes(bits, signed):
+    """A state slot kept in 8/4 bits (loops.Coded): the loop's codes, absmax and parameter are, bit for bit,
+    those of decoding with kernels/quantize.py, stepping the decoded value with the plain loop of the same
+    program and coding the result with kernels/quantize.py. Sizes around a block and a share, blocks that
+    hold NaN, inf and only zeros, on 1, 2 and 3 threads."""
+    from optim_plugins.kernels import quantize
+
+    block_size = 256 if bits == 8 else 128
+    encode, decode, empty_codes = _codec(bits, signed, block_size)
+    # m <- m * c0 + c1 * g (g >= 0 for an unsigned state); p <- p + c2 * m
+    program = (("mul_", 2, ("s", 2), ("c", 0)), ("add_", 2, ("s", 2), ("s", 1), ("c", 1)),
+               ("add_", 0, ("s", 0), ("s", 2), ("c", 2)))
+    scalars = [0.9, 0.1, -0.01]
+    form = loops.Coded(2, quantize.map_name(bits, signed), block_size, bits, positive_not_zero=bits == 8 and not signed)
+    coded = loops.loop_for(program, (0, 2), (torch.float32,) * 3, 3, coded=[form])
+    plain = loops.loop_for(program, (0, 2), (torch.float32,) * 3, 3)
+    g = torch.Generator().manual_seed(bits + signed)
+    sizes = [1, block_size - 1, block_size, block_size + 1, 4095, 4097, 20_011]
+    bucket = []
+    for n in sizes:
+        p, grad, m = (torch.randn(n, generator=g) for _ in range(3))
+        if not signed:
+            grad, m = grad.abs(), m.abs()
+        if n == 20_011:  # a block with a NaN, one with an inf, one of zeros (gradient and state)
+            grad[5], grad[block_size + 3] = float("nan"), float("inf")
+            grad[2 * block_size:3 * block_size] = 0.0
+            m[2 * block_size:3 * block_size] = 0.0
+        codes, absmax = empty_codes(n), torch.empty(quantize.num_blocks(n, block_size))
+        encode(m, codes, absmax)
+        bucket.append([p, grad, codes, absmax])
+    expected = []
+    for p, grad, codes, absmax in bucket:
+        p, codes, absmax = p.clone(), codes.clone(), absmax.clone()
+        m = decode(codes, absmax, p.numel())
+        plain([[p, grad, m]], scalars)
+        encode(m, codes, absmax)
+        expected.append((p, codes, absmax))
+    previous = torch.get_num_threads()
+    try:
+        for threads in (1, 2, 3):
+            torch.set_num_threads(threads)
+            ours = [[t.clone() for t in ts] for ts in bucket]
+            coded(ours, scalars)
+            for (p, _, codes, absmax), (want_p, want_codes, want_absmax) in zip(ours, expected):
+                assert torch.equal(codes, want_codes)
+                torch.testing.assert_close(absmax, want_absmax, rtol=0, atol=0, equal_nan=True)
+                torch.testing.assert_close(p, want_p, rtol=0, atol=0, equal_nan=True)
+    finally:
+        torch.set_num_threads(previous)
+    assert any(torch.isnan(absmax).any() for _, _, absmax in expected)  # the NaN block was there
+
+
+def test_coded_sums_are_those_of_the_step_before_coding():
+    """step_sums with a coded slot: g^2, (new p - old p)^2, old p^2 and the state's new value before it is coded."""
+    from optim_plugins.kernels import quantize
+
+    encode, decode, empty_codes = _codec(8, True, 256)
+    program = (("mul_", 2, ("s", 2), ("c", 0)), ("add_", 2, ("s", 2), ("s", 1), ("c", 1)),
+               ("add_", 0, ("s", 0), ("s", 2), ("c", 2)))
+    scalars = [0.9, 0.1, -0.01]
+    step = loops.loop_for(program, (0, 2), (torch.float32,) * 3, 3, coded=[loops.Coded(2, "dynamic_signed", 256, 8)])
+    g = torch.Generator().manual_seed(3)
+    p, grad, m = (torch.randn(9000, generator=g) for _ in range(3))
+    codes, absmax = empty_codes(9000), torch.empty(quantize.num_blocks(9000))
+    encode(m, codes, absmax)
+    old, decoded = p.double(), decode(codes, absmax, 9000).double()
+    new_m = decoded * 0.9 + 0.1 * grad.double()
+    rows = step.with_sums([[p, grad, codes, absmax]], scalars)
+    want = [grad.double().square().sum(), (p.double() - old).square().sum(), old.square().sum(), new_m.sum()]
+    torch.testing.assert_close(rows[0], torch.stack(want), rtol=1e-5, atol=1e-6)
+
+
+def _stepped(name, options, fused, monkeypatch, steps=4, sizes=((300, 70), (5000,), (64,), (129, 33), (4096,))):
+    """``steps`` compiled steps of ``name``; ``fused=False``: the coded states decoded before the loop and coded
+    after it (the path every other backend takes), with the loop that codes inside it made unavailable."""
+    from optim_plugins.optimizers.base import Optimizer
+
+    with monkeypatch.context() as patch:
+        if not fused:
+            patch.setattr(Optimizer, "_coded_loop_step", lambda *args: False)
+        g = torch.Generator().manual_seed(0)
+        params = [torch.nn.Parameter(torch.randn(s, generator=g)) for s in sizes]
+        optimizer = op.create_optimizer(name, params, lr=1e-2, backend="compiled", **options)
+        for i in range(steps):
+            for j, p in enumerate(params):
+                p.grad = torch.sin(p.detach() * (i + 2) + j)
+            optimizer.step()
+    return params, optimizer
+
+
+@pytest.mark.parametrize("name,options", [("adamw8bit", {}), ("adam8bit", {"min_8bit_size": 0, "maximize": True}),
+                                          ("lion8bit", {"weight_decay": 0.1}),
+                                          ("adamw4bit", {"second_moment_scale": "block"}), ("adamw4bit", {})])
+def test_lowbit_optimizers_code_their_states_inside_the_loop_bit_for_bit(name, options, monkeypatch):
+    """8-bit and block-wise 4-bit states on the compiled backend are decoded, stepped and coded by one loop
+    call per bucket: parameters and every state tensor equal the decode / step / code path bit for bit
+    (tensors below min_8bit_size, with fp32 states, go to a loop of their own; the rank-1 4-bit second
+    moment, whose scale spans the whole tensor, keeps the three passes)."""
+    from optim_plugins.optimizers import codecs
+
+    decoded = []
+    for cls in (codecs.Blockwise8bit, codecs.Blockwise4bit):
+        monkeypatch.setattr(cls, "decode", lambda self, *a, original=cls.decode: decoded.append(self) or original(self, *a))
+    ours, fused = _stepped(name, options, True, monkeypatch)
+    rank1 = name == "adamw4bit" and not options
+    # no state was decoded outside the loop (rank-1: only the first moments of 2-D tensors)
+    assert all(rank1 and len(codec.shape) == 2 for codec in decoded) and (decoded or not rank1)
+    theirs, reference = _stepped(name, options, False, monkeypatch)
+    assert decoded
+    for a, b in zip(ours, theirs):
+        assert torch.equal(a, b)
+    for p, q in zip(ours, theirs):
+        mine, other = fused.state[p], reference.state[q]
+        assert mine.keys() == other.keys()
+        for key in mine:
+            assert torch.equal(mine[key], other[key]), key
+
+
+def test_telemetry_on_coded_buckets_is_summed_in_the_loop_without_changing_the_step(monkeypatch):
+    """op.telemetry on adamw8bit (compiled): the recording step gives the bits of an unrecorded one, and no
+    parameter copy is taken (coded and fp32-state buckets are both summed inside their loops)."""
+    plain, _ = _stepped("adamw8bit", {}, True, monkeypatch, steps=1)
+    g = torch.Generator().manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(s, generator=g)) for s in ((300, 70), (5000,), (64,), (129, 33), (4096,))]
+    optimizer = op.create_optimizer("adamw8bit", params, lr=1e-2, backend="compiled")
+    recorder = op.telemetry(optimizer, by="param")
+    for j, p in enumerate(params):
+        p.grad = torch.sin(p.detach() * 2 + j)
+    old = [p.detach().double().clone() for p in params]
+    optimizer.step()
+    assert recorder._copies == {}
+    assert all(torch.equal(a, b) for a, b in zip(params, plain))
+    units = recorder.history[-1]["units"]
+    for i, p in enumerate(params):
+        assert units[f"param{i}"]["update_norm"] == pytest.approx(float((p.detach().double() - old[i]).norm()), rel=1e-4)
+    recorder.remove()

@@ -3,7 +3,8 @@
 Per optimizer (``NAME`` or ``NAME@BACKEND``; the table names the backend the step really
 used: ``auto`` compiles elementwise optimizers on CPU from ``COMPILE_THRESHOLD`` elements), one
 optimizer per variant over the same tensors (:func:`.speed.make_params`): telemetry off, and
-recording every step with ``by="group"`` and ``by="param"``. The steps are
+recording every step with ``by="group"`` and ``by="param"``, and a second optimizer with telemetry
+off, whose ratio to the first shows what this machine's noise alone makes of a ratio. The steps are
 interleaved (one step of each variant per round, the order rotated each round), so that load
 from other processes hits every variant alike; the overhead is the median of the per-round
 ratios to "off". The "measured" column says how the recording steps took their numbers: inside
@@ -29,6 +30,7 @@ DEFAULT_OPTIMIZERS = "adamw,adamw@foreach,adafactor,adam8bit"
 DEFAULT_PARAMS = 20_000_000
 VARIANTS: dict[str, dict | None] = {
     "off": None,
+    "off, a second optimizer (A/A: the noise)": None,
     "every step, by=group": {"every": 1, "by": "group"},
     "every step, by=param": {"every": 1, "by": "param"},
 }
@@ -101,18 +103,22 @@ def markdown(names: list[str], times: dict, ref_times: dict, size: tuple, loads:
         f"Parameters: {numel:,} fp32 in {tensors} transformer-like tensors; "
         f"{len(next(iter(times.values())))} interleaved rounds, medians.",
         "",
-        "| optimizer | backend used | telemetry | measured | ms / step | x off (median of per-round ratios) | overhead |",
-        "|---|---|---|---|---:|---:|---:|",
+        "| optimizer | backend used | telemetry | measured | ms / step | x off (median of per-round ratios) "
+        "| middle half of the ratios | overhead |",
+        "|---|---|---|---|---:|---:|---:|---:|",
     ]
     for name in names:
         off = times[(name, "off")]
         for variant in VARIANTS:
             t = times[(name, variant)]
-            ratio = median(a / b for a, b in zip(t, off))
+            ratios = [a / b for a, b in zip(t, off)]
+            ratio = median(ratios)
+            quartiles = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else [ratio] * 3
+            spread = "-" if variant == "off" else f"{quartiles[0]:.3f}-{quartiles[2]:.3f}"
             overhead = "-" if variant == "off" else f"{100 * (ratio - 1):+.1f}%"
             how = measured.get((name, variant), "-")
             lines.append(f"| {name.partition('@')[0]} | {backends[name]} | {variant} | {how} | {1e3 * median(t):.1f} | "
-                         f"{ratio:.3f} | {overhead} |")
+                         f"{ratio:.3f} | {spread} | {overhead} |")
     lines += ["", "Reference passes, timed in the same rounds (share of each optimizer's step with telemetry off):", "",
               "| pass | ms | " + " | ".join(f"% of {name.partition('@')[0]} ({backends[name]}) step" for name in names) + " |",
               "|---|---:|" + "---:|" * len(names)]
@@ -121,14 +127,15 @@ def markdown(names: list[str], times: dict, ref_times: dict, size: tuple, loads:
         lines.append(f"| {key} | {1e3 * median(t):.1f} | {shares} |")
     lines += [
         "",
-        "Where `backend=\"auto\"` hands a group to torch's fused Adam/AdamW or SGD kernel, a recording step runs",
-        "this package's C++ kernel instead (`optim_plugins/kernels/cpp`): ATen's fused update operation for",
-        "operation, so the parameters and states are bitwise those of an unrecorded step (tested), plus the four",
-        "sums (g^2, update^2, old p^2, v) taken in the same pass from values already in registers: no copy, no",
-        "second pass. Elsewhere on CPU a recording step copies the parameters (the update is new minus old), then",
-        "takes the gradient, weight and update norms as `torch._foreach_norm` reductions and one sum of the second",
-        "moment per tensor: about 36 bytes per parameter, 2-3 steps next to a step that moves 28 in one fused pass",
-        "(the compiled backend), about +40% next to a foreach step. The Triton kernels (CUDA) take the four sums",
+        "Where the numbers are taken inside the step: `backend=\"auto\"` groups that torch's fused Adam/AdamW or",
+        "SGD kernel steps run this package's C++ kernel on recording steps (`optim_plugins/kernels/cpp`: ATen's",
+        "fused update operation for operation, so parameters and states are bitwise those of an unrecorded step,",
+        "tested), and the compiled backend's C++ loops (`kernels/cpp/loops.py`, 8/4-bit block-wise states",
+        "included) sum in the pass that steps: g^2, update^2, old p^2 and v from values already in registers,",
+        "no copy, no second pass. Elsewhere on CPU (foreach, reference, factored and rank-1 4-bit states) a",
+        "recording step copies the parameters (the update is new minus old), then takes the gradient, weight and",
+        "update norms as `torch._foreach_norm` reductions and one sum of the second moment per tensor: about 36",
+        "bytes per parameter, about +40% next to a foreach step. The Triton kernels (CUDA) take the four sums",
         "inside the step as well (tested under TRITON_INTERPRET=1; not timed here, no GPU). For the copy path,",
         "record every N steps, which divides the overhead by N (the trainer callbacks default to the logging",
         "interval: 500 steps in the HF Trainer, 50 in Lightning).",

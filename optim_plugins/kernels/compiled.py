@@ -57,9 +57,11 @@ Limits (the bucket then runs on the ``foreach`` path, same numbers): updates tha
 values (``.item()`` of a bucket, iteration over tensors: per-tensor norms such as AdaNorm),
 operations outside the table below, complex tensors in a 0-d state. Kahan compensation of
 bf16 parameters is read and written inside the C++ loop (``run(..., compensations=)``);
-stochastic rounding, ``state_dtype`` and state codecs stay passes around the compiled update
-(correct, but they cost their extra reads and writes; 8/4-bit states are decoded and coded by
-the C++ codec of :mod:`optim_plugins.kernels.cpp` on CPU). Results equal the
+block-wise 8/4-bit states (``run(..., coded=)``: the codecs' ``loop_form``) are decoded and coded
+inside it too, block by block, so they never exist in fp32 outside the cache (the bytes of
+decoding, stepping and coding in turn); stochastic rounding, ``state_dtype`` and other codecs
+(rank-1 4-bit second moments, whose scale spans the tensor) stay passes around the compiled
+update (correct, but they cost their extra reads and writes). Results equal the
 reference backend to fp32 rounding, not bit for bit: torch's eager kernels may contract
 ``a * b + c`` into one rounding where the loop and Inductor round twice, and host numbers are
 folded as said above. States
@@ -380,18 +382,19 @@ def _compiled(program: tuple, mutated: tuple, dtypes: tuple, scalar_dtype: torch
     return fn
 
 
-def _loop(program: tuple, mutated: tuple, dtypes: tuple, n_scalars: int, kahan: bool = False) -> Any:
+def _loop(program: tuple, mutated: tuple, dtypes: tuple, n_scalars: int, kahan: bool = False,
+          coded: tuple = ()) -> Any:
     """The program as one C++ loop over the bucket (a ``loops.LoopStep``, kernels/cpp/loops.py) where
     ``CPP_LOOPS`` is on and it can express the program; else None (Inductor's path). A failed build
-    warns once."""
+    warns once. ``coded``: ``loops.Coded`` slots (8/4-bit states, coded inside the loop)."""
     global compile_count
     if not CPP_LOOPS:
         return None
-    key = (program, mutated, dtypes, n_scalars, kahan)
+    key = (program, mutated, dtypes, n_scalars, kahan, coded)
     if key not in _LOOPS:
         from .cpp import loops
 
-        built = loops.loop_for(program, mutated, dtypes, n_scalars, kahan)
+        built = loops.loop_for(program, mutated, dtypes, n_scalars, kahan, coded)
         if isinstance(built, str):
             if not _LOOP_FAILURES:
                 warnings.warn(f"optim_plugins: the compiled backend's C++ loop could not be built, so Inductor "
@@ -429,25 +432,33 @@ def unavailable_reason() -> str | None:
     return None
 
 
+# {array name: (loops.Coded's fields after the slot, the absmax tensor of each tensor)}: see run()
+Coding = dict[str, tuple[tuple, list[Tensor]]]
+
+
 class _Recorded(NamedTuple):
     program: tuple
     mutated: tuple
-    inputs: list[list[Tensor]]  # per tensor: p, g, then the arrays' tensors in order
-    dtypes: tuple  # of those slots
+    inputs: list[list[Tensor]]  # per tensor: p, g, the arrays' tensors in order, then coded slots' side tensors
+    dtypes: tuple  # of the slots (a coded slot: float32, the value it stands for)
+    coded: tuple  # loops.Coded of each coded slot
     scalars: list[float]
     scalar_dtype: torch.dtype
     commit: Callable[[], None]  # writes the recorded 0-d states back (once the step runs)
 
 
 def _record(update: Callable[..., None], p: list[Tensor], g: list[Tensor], arrays: dict[str, list[Tensor]],
-            others: dict[str, Any], prologue: Callable[[Any, Any], Any]) -> _Recorded | None:
+            others: dict[str, Any], prologue: Callable[[Any, Any], Any], coded: Coding | None = None
+            ) -> _Recorded | None:
     """The bucket's update as a program; None, with nothing changed, where the compiled path cannot
     run it (an operation the recorder does not know, a write into the gradient, a strided tensor)."""
     if any(t.device.type != "cpu" for t in p):
         return None
     names = list(arrays)
+    coded = coded or {}
     scalar_dtype = torch.float64 if p[0].dtype == torch.float64 else torch.float32
-    tape = Tape([p[0].dtype, g[0].dtype, *(arrays[n][0].dtype for n in names)], scalar_dtype)
+    tape = Tape([p[0].dtype, g[0].dtype, *(torch.float32 if n in coded else arrays[n][0].dtype for n in names)],
+                scalar_dtype)
     rec_p, rec_g = Recorder(tape, 0), Recorder(tape, 1)
     state: dict[str, Any] = {n: Recorder(tape, 2 + i) for i, n in enumerate(names)}
     saved = {}
@@ -462,7 +473,9 @@ def _record(update: Callable[..., None], p: list[Tensor], g: list[Tensor], array
     except (Unsupported, AttributeError, TypeError):  # an operation the recorder does not know
         return None
     program = tuple(tape.code)
-    inputs = [[pt, gt, *(arrays[n][i] for n in names)] for i, (pt, gt) in enumerate(zip(p, g))]
+    sides = [n for n in names if n in coded]
+    inputs = [[pt, gt, *(arrays[n][i] for n in names), *(coded[n][1][i] for n in sides)]
+              for i, (pt, gt) in enumerate(zip(p, g))]
     mutated = tuple(sorted({dst for _, dst, *_ in program if dst < 2 + len(names)}))
     if 1 in mutated or not all(t.is_contiguous() for ts in inputs for t in ts):
         return None  # the update writes into the gradient, or a tensor is strided (foreach handles both)
@@ -471,12 +484,16 @@ def _record(update: Callable[..., None], p: list[Tensor], g: list[Tensor], array
         for name, original in saved.items():
             original.copy_(state[name])
 
-    return _Recorded(program, mutated, inputs, tuple(t.dtype for t in inputs[0]), tape.scalars, scalar_dtype, commit)
+    from .cpp.loops import Coded
+
+    codings = tuple(Coded(2 + names.index(n), *coded[n][0]) for n in sides)
+    return _Recorded(program, mutated, inputs, tuple(tape.dtypes[:2 + len(names)]), codings, tape.scalars,
+                     scalar_dtype, commit)
 
 
 def run(update: Callable[..., None], p: list[Tensor], g: list[Tensor], arrays: dict[str, list[Tensor]],
-        others: dict[str, Any], prologue: Callable[[Any, Any], Any], compensations: list[Tensor] | None = None
-        ) -> bool:
+        others: dict[str, Any], prologue: Callable[[Any, Any], Any], compensations: list[Tensor] | None = None,
+        coded: Coding | None = None) -> bool:
     """Run ``update(p, g, state)`` on a bucket through a compiled replay; False if it cannot be recorded.
 
     ``arrays``: the parameter-shaped states (lists of tensors); ``others``: what the state holds
@@ -485,13 +502,18 @@ def run(update: Callable[..., None], p: list[Tensor], g: list[Tensor], arrays: d
     ``prologue(p, g) -> g``: maximize, loss-scale and weight decay, recorded before ``update``.
     ``compensations``: the Kahan compensations of bfloat16 parameters ``p``, for the C++ loop to
     step ``p + compensation`` and write both back (False, nothing changed, where it cannot).
+    ``coded``: the arrays kept block-wise in 8/4 bits, ``{name: (form, absmax tensors)}`` (``arrays[name]``
+    holds their codes; ``form``: ``loops.Coded``'s fields after the slot), for the C++ loop to decode,
+    step and code them in one pass (False, nothing changed, where it cannot).
     Returns True when the step was done.
     """
-    recorded = _record(update, p, g, arrays, others, prologue)
+    recorded = _record(update, p, g, arrays, others, prologue, coded)
     if recorded is None:
         return False
-    program, mutated, inputs, dtypes, scalar_values, scalar_dtype, commit = recorded
-    loop = _loop(program, mutated, dtypes, len(scalar_values), compensations is not None)
+    program, mutated, inputs, dtypes, codings, scalar_values, scalar_dtype, commit = recorded
+    loop = _loop(program, mutated, dtypes, len(scalar_values), compensations is not None, codings)
+    if codings and loop is None:
+        return False
     if compensations is not None:
         if loop is None or not all(c.is_contiguous() for c in compensations):
             return False
@@ -512,15 +534,16 @@ def run(update: Callable[..., None], p: list[Tensor], g: list[Tensor], arrays: d
 
 
 def run_with_sums(update: Callable[..., None], p: list[Tensor], g: list[Tensor], arrays: dict[str, list[Tensor]],
-                  others: dict[str, Any], prologue: Callable[[Any, Any], Any]) -> Tensor | None:
+                  others: dict[str, Any], prologue: Callable[[Any, Any], Any], coded: Coding | None = None
+                  ) -> Tensor | None:
     """``run`` through the C++ loop that also sums, in the same pass (op.telemetry): per tensor a float64
     row of sum g^2 (the gradient as stored), sum (new p - old p)^2, sum old p^2 and the sum of each
-    array's new value (in ``arrays`` order). None, with nothing changed, where that loop cannot step
-    the bucket (the caller then measures around a step of its own)."""
-    recorded = _record(update, p, g, arrays, others, prologue)
+    array's new value (in ``arrays`` order; a coded array's before it is coded). None, with nothing
+    changed, where that loop cannot step the bucket (the caller then measures around a step of its own)."""
+    recorded = _record(update, p, g, arrays, others, prologue, coded)
     if recorded is None:
         return None
-    loop = _loop(recorded.program, recorded.mutated, recorded.dtypes, len(recorded.scalars))
+    loop = _loop(recorded.program, recorded.mutated, recorded.dtypes, len(recorded.scalars), False, recorded.coded)
     if loop is None:
         return None
     recorded.commit()

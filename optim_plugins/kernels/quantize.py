@@ -104,6 +104,27 @@ def _search(kind: str, device: torch.device) -> tuple[Tensor, Tensor, Tensor, in
     return code.to(device), padded.to(device), table.to(device), steps
 
 
+@functools.lru_cache(maxsize=None)
+def nearest_code_table(kind: str) -> Tensor | None:
+    """The search of :func:`_code_index` without reading a midpoint: per upper 16 bits ``h`` of a
+    float32 (65536 int32, CPU), bits 0-7 hold how many midpoints lie below the bucket and bits 8-23
+    the order key of the one midpoint inside it (0xFFFF: none). A value's code is then
+    ``base + (key(x) > key)``, where ``key`` is a float's lower 16 bits, reversed (0xFFFF - them) for
+    negative floats, whose bits grow as they fall; the same index as ``_code_index`` for every float
+    (tested on every bucket's edges). None for a map with two midpoints in one bucket (none here).
+    The compiled backend's C++ loops code 8/4-bit states with it (one table read per value).
+    """
+    _, midpoints, table, steps = _search(kind, torch.device("cpu"))
+    if steps > 1 or table.max() > 255:
+        return None
+    high = torch.arange(-(2**15), 2**15, dtype=torch.int32)
+    key = torch.full_like(high, 0xFFFF)
+    inside = midpoints[:-1].view(torch.int32)  # without the +inf pad
+    low = inside & 0xFFFF
+    key[((inside >> 16) + 2**15).long()] = torch.where(inside < 0, 0xFFFF - low, low)
+    return table | (key << 8)
+
+
 def _code_index(x: Tensor, kind: str) -> Tensor:
     """Index of the nearest code of map ``kind`` for each value of float32 ``x`` (int32, x's shape).
 
@@ -119,6 +140,14 @@ def _code_index(x: Tensor, kind: str) -> Tensor:
     for _ in range(steps):
         index += torch.index_select(midpoints, 0, index.view(-1)).view(x.shape) < x
     return index
+
+
+def map_name(bits: int, signed: bool) -> str:
+    """The name of the code map of the block-wise formats (8 bits: dynamic; 4 bits: dynamic-exponent
+    signed, linear without zero unsigned), as ``_search`` and the C++ loops (kernels/cpp/loops.py) know it."""
+    if bits == 8:
+        return "dynamic_signed" if signed else "dynamic_unsigned"
+    return "dynamic4_signed" if signed else "linear4"
 
 
 def num_blocks(numel: int, block_size: int = BLOCK_SIZE) -> int:
@@ -145,7 +174,7 @@ def quantize_blockwise_(x: Tensor, codes: Tensor, absmax: Tensor, signed: bool,
     floors small magnitudes too, coarser: at 1.6e-5 of absmax unsigned, 2.1e-5 signed.)
     Non-finite values make their block non-finite, as a NaN state propagates in fp32.
     """
-    kind = "dynamic_signed" if signed else "dynamic_unsigned"
+    kind = map_name(8, signed)
     if x.device.type == "cpu" and cpp_kernels.quantize_blockwise_(x, codes, absmax, _search(kind, x.device),
                                                                   block_size, bits=8, positive_not_zero=not signed):
         return
@@ -203,7 +232,7 @@ def num_bytes_4bit(numel: int) -> int:
 
 
 def _map_4bit(signed: bool) -> str:
-    return "dynamic4_signed" if signed else "linear4"
+    return map_name(4, signed)
 
 
 def quantize_4bit_blockwise_(x: Tensor, packed: Tensor, absmax: Tensor, signed: bool,

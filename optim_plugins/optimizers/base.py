@@ -140,9 +140,26 @@ def _chunks(sizes: list[int], limit: int) -> list[list[int]]:
     return groups
 
 
+def _bucket(work: list[Tensor], grads: list[Tensor], views: list[dict[str, Any]]
+            ) -> tuple[TensorList, TensorList, dict[str, Any], dict[str, list[Tensor]], dict[str, Any]]:
+    """A bucket as ``update`` takes it (p, g and the state of TensorLists) and as the compiled backend
+    takes it: the parameter-shaped states (``arrays``) apart from the rest (0-d states, Python values)."""
+    p = TensorList(_real(t) for t in work)
+    g = TensorList(_real(t) for t in grads)
+    state = {k: TensorList(_real(s[k]) if _is_array(s[k]) else s[k] for s in views) if torch.is_tensor(views[0][k])
+             else views[0][k] for k in views[0]}
+    arrays = {k: v.tensors for k, v in state.items() if isinstance(v, TensorList) and _is_array(views[0][k])}
+    return p, g, state, arrays, {k: v for k, v in state.items() if k not in arrays}
+
+
+def _hidden(codecs: Mapping[str, StateCodec]) -> set[str]:
+    """The state keys ``update`` does not see: the machinery's and the codecs' side tensors (absmax, ...)."""
+    return {*MACHINERY_STATE, *(key for name, codec in codecs.items() for key in codec.keys(name)[1:])}
+
+
 def _decoded(state: Mapping[str, Any], codecs: Mapping[str, StateCodec], dtype: torch.dtype) -> dict[str, Any]:
     """The state ``update`` sees: machinery entries left out, coded states decoded to ``dtype``."""
-    hidden = {*MACHINERY_STATE, *(key for name, codec in codecs.items() for key in codec.keys(name)[1:])}
+    hidden = _hidden(codecs)
     return {k: codecs[k].decode(k, state, dtype) if k in codecs else v for k, v in state.items() if k not in hidden}
 
 
@@ -387,9 +404,11 @@ class Optimizer(torch.optim.Optimizer):
             scalar_names = sorted(k for k in set().union(*states) - {"step"}
                                   if _is_scalar(next(s[k] for s in states if k in s)))
             keyed: dict[tuple, list[int]] = defaultdict(list)
+            coded = backend == "compiled" and self._may_code(group)  # coded and plain states: a loop each
             for i, (p, state) in enumerate(zip(params, states)):
                 scalars = (state["step"].item(), *(state[k].item() for k in scalar_names if k in state))
-                keyed[(p.device, p.dtype, p.is_complex(), scalars)].append(i)
+                forms = tuple((k, c.loop_form()) for k, c in self._codecs(p, group, state).items()) if coded else ()
+                keyed[(p.device, p.dtype, p.is_complex(), scalars, forms)].append(i)
             buckets = keyed.values()
         probe = self.__dict__.get("_telemetry")  # op.telemetry: set only on its recording steps
         inv_scale = self.__dict__.get("_inv_scale")
@@ -537,9 +556,13 @@ class Optimizer(torch.optim.Optimizer):
                 or resolve_compensation(group["compensation"], p.dtype) is not None
                 or self.state_dtype(p, group) != p.dtype):
             return [False] * len(params)
-        if type(self).state_codecs is Optimizer.state_codecs and group.get("state_dtype") in (None, "param"):
+        if not self._may_code(group):
             return [True] * len(params)
         return [not self._codecs(t, group, s) for t, s in zip(params, states)]
+
+    def _may_code(self, group: Mapping[str, Any]) -> bool:
+        """Whether any parameter of ``group`` may have coded states (``state_codecs``, ``state_dtype``)."""
+        return type(self).state_codecs is not Optimizer.state_codecs or group.get("state_dtype") not in (None, "param")
 
     def _apply(self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor], states: list[dict],
                per_tensor: bool, compile: bool = False, inv_scale: float | None = None,
@@ -547,10 +570,23 @@ class Optimizer(torch.optim.Optimizer):
         """Step one bucket. ``with_sums``: only through the compiled C++ loop that also sums (op.telemetry),
         returning its rows and the names of the state columns, or None with nothing changed."""
         fusable = [False] * len(params) if per_tensor else self._torch_fusable(group, params, states)
-        if with_sums and (any(fusable) or resolve_compensation(group["compensation"], params[0].dtype) is not None
-                          or self.state_dtype(params[0], group) != params[0].dtype
-                          or any(self._codecs(p, group, s) for p, s in zip(params, states))):
+        dtype = params[0].dtype
+        mode = resolve_compensation(group["compensation"], dtype)
+        codecs = [self._codecs(p, group, s) for p, s in zip(params, states)]
+        # 8/4-bit states coded inside the compiled C++ loop: no fp32 copy of them, one pass
+        coded_loop = (compile and not per_tensor and any(codecs) and dtype == torch.float32 and mode is None
+                      and self.state_dtype(params[0], group) == dtype
+                      and all(c.keys() == codecs[0].keys() and all(codec.loop_form() for codec in c.values())
+                              for c in codecs))
+        if with_sums and (any(fusable) or mode is not None or self.state_dtype(params[0], group) != dtype
+                          or (any(codecs) and not coded_loop)):
             return None
+        if coded_loop:
+            done = self._coded_loop_step(group, params, grads, states, codecs, inv_scale, with_sums)
+            if with_sums:
+                return done or None
+            if done:
+                return None
         if any(fusable):
             chosen = [i for i, f in enumerate(fusable) if f]
             if self.torch_fused_step(group, [params[i] for i in chosen], [grads[i] for i in chosen],
@@ -558,66 +594,82 @@ class Optimizer(torch.optim.Optimizer):
                 rest = [i for i, f in enumerate(fusable) if not f]
                 if not rest:
                     return
-                params, grads, states = ([xs[i] for i in rest] for xs in (params, grads, states))
+                params, grads, states, codecs = _pick(rest, params, grads, states, codecs)
         chunks = _chunks([p.numel() for p in params], DECODED_CHUNK) if not per_tensor else []
-        if len(chunks) > 1 and any(self._codecs(p, group, s) for p, s in zip(params, states)):
+        if len(chunks) > 1 and any(codecs):
             # decoded states are fp32 temporaries: stepping a few tensors at a time bounds them (and
             # keeps them small enough for the allocator to reuse) instead of decoding the whole bucket
             for index in chunks:
-                self._apply(group, [params[i] for i in index], [grads[i] for i in index], [states[i] for i in index],
-                            per_tensor, compile, inv_scale)
+                self._apply(group, *_pick(index, params, grads, states), per_tensor, compile, inv_scale)
             return
         step = states[0]["step"].item()
-        dtype = params[0].dtype
-        mode = resolve_compensation(group["compensation"], dtype)
         # Kahan on bf16 parameters folded into the compiled C++ loop (p + compensation read, both written)
         folded = (compile and not per_tensor and mode == "kahan" and self.state_dtype(params[0], group) == dtype
-                  and compiled_kernels.loops_cover({dtype})
-                  and not any(self._codecs(p, group, s) for p, s in zip(params, states)))
+                  and compiled_kernels.loops_cover({dtype}) and not any(codecs))
         upcast = not folded and (mode is not None or self.state_dtype(params[0], group) != dtype)
         work = [working_copy(p, s.get("compensation")) for p, s in zip(params, states)] if upcast else params
         if upcast and self.state_dtype(params[0], group) != dtype:
             grads = [g.float() for g in grads]
-        codecs = [self._codecs(p, group, s) for p, s in zip(params, states)]
         views = [_decoded(s, c, w.dtype) for s, c, w in zip(states, codecs, work)]
-        names = list(views[0])
         if per_tensor:
+            names = list(views[0])
             p, g = _real(work[0]), _real(grads[0])
             state = {k: _real(views[0][k]) if _is_array(views[0][k]) else views[0][k] for k in names}
+            self.update(p, self._prologue(group, inv_scale)(p, g), state, group, step)
         else:
-            p = TensorList(_real(t) for t in work)
-            g = TensorList(_real(t) for t in grads)
-            state = {
-                k: TensorList(_real(s[k]) if _is_array(s[k]) else s[k] for s in views)
-                if torch.is_tensor(views[0][k]) else views[0][k]
-                for k in names
-            }
-        factor = (-1.0 if group["maximize"] else 1.0) * (1.0 if inv_scale is None else inv_scale)
-
-        def prologue(p, g):  # maximize, loss scale, weight decay: before the algorithm's update
-            g = g if factor == 1.0 else -g if factor == -1.0 else g.mul(factor)
-            return apply_weight_decay(p, g, self.weight_decay_mode(group), group.get("weight_decay", 0.0),
-                                      group.get("lr", 0.0))
-
-        arrays = {k: v.tensors for k, v in state.items() if isinstance(v, TensorList) and _is_array(views[0][k])}
-        compiled_args = () if per_tensor else (lambda p_, g_, s_: self.update(p_, g_, s_, group, step), p.tensors,
-                                               g.tensors, arrays, {k: v for k, v in state.items() if k not in arrays},
-                                               prologue)
-        if with_sums:  # nothing to encode or write back (checked above)
-            rows = compiled_kernels.run_with_sums(*compiled_args)
-            return None if rows is None else (rows, list(arrays))
-        if folded:
-            if not compiled_kernels.run(*compiled_args, compensations=[s["compensation"] for s in states]):
-                self._apply(group, params, grads, states, per_tensor, False, inv_scale)  # working copies, eager
-            return None
-        if not (compile and not per_tensor and compiled_kernels.run(*compiled_args)):
-            self.update(p, prologue(p, g), state, group, step)
+            p, g, state, arrays, others = _bucket(work, grads, views)
+            arguments = (self._bound_update(group, step), p.tensors, g.tensors, arrays, others,
+                         self._prologue(group, inv_scale))
+            if with_sums:  # nothing to encode or write back (checked above)
+                rows = compiled_kernels.run_with_sums(*arguments)
+                return None if rows is None else (rows, list(arrays))
+            if folded:
+                if not compiled_kernels.run(*arguments, compensations=[s["compensation"] for s in states]):
+                    self._apply(group, params, grads, states, per_tensor, False, inv_scale)  # working copies, eager
+                return None
+            if not (compile and compiled_kernels.run(*arguments)):
+                self.update(p, arguments[-1](p, g), state, group, step)
         for view, stored, coded in zip(views, states, codecs):
             for name, codec in coded.items():
                 codec.encode(name, view[name], stored)
         if upcast:
             for param, w, s in zip(params, work, states):
                 write_back(param, w, mode, s.get("compensation"))
+
+    def _coded_loop_step(self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor], states: list[dict],
+                         codecs: list[dict[str, StateCodec]], inv_scale: float | None, with_sums: bool
+                         ) -> bool | tuple[Tensor, list[str]]:
+        """A bucket of float32 parameters whose coded states all have a ``loop_form``, stepped by the
+        compiled C++ loop that decodes, steps and codes them block by block (the bytes of decoding,
+        stepping and coding in turn). True (or the sums' rows and state names), or False with
+        nothing changed where the loop cannot."""
+        hidden = _hidden(codecs[0])
+        views = [{k: v for k, v in s.items() if k not in hidden} for s in states]
+        p, g, _, arrays, others = _bucket(params, grads, views)
+        if not set(codecs[0]) <= set(arrays):
+            return False
+        coded = {name: (codec.loop_form(), [s[codec.keys(name)[1]] for s in states])
+                 for name, codec in codecs[0].items()}
+        arguments = (self._bound_update(group, states[0]["step"].item()), p.tensors, g.tensors, arrays, others,
+                     self._prologue(group, inv_scale))
+        if with_sums:
+            rows = compiled_kernels.run_with_sums(*arguments, coded=coded)
+            return False if rows is None else (rows, list(arrays))
+        return compiled_kernels.run(*arguments, coded=coded)
+
+    def _bound_update(self, group: Mapping[str, Any], step: float) -> Callable[[Any, Any, Any], None]:
+        return lambda p, g, state: self.update(p, g, state, group, step)
+
+    def _prologue(self, group: Mapping[str, Any], inv_scale: float | None) -> Callable[[Any, Any], Any]:
+        """maximize, the loss scale and weight decay: what runs on the gradient before the algorithm's update."""
+        factor = (-1.0 if group["maximize"] else 1.0) * (1.0 if inv_scale is None else inv_scale)
+
+        def prologue(p, g):
+            g = g if factor == 1.0 else -g if factor == -1.0 else g.mul(factor)
+            return apply_weight_decay(p, g, self.weight_decay_mode(group), group.get("weight_decay", 0.0),
+                                      group.get("lr", 0.0))
+
+        return prologue
 
     # -------------------------------------------------------------- state dicts
 

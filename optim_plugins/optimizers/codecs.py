@@ -21,6 +21,7 @@ from ..kernels.quantize import (
     dequantize_4bit_blockwise,
     dequantize_4bit_rank1,
     dequantize_blockwise,
+    map_name,
     num_blocks,
     num_bytes_4bit,
     quantize_4bit_blockwise_,
@@ -47,6 +48,12 @@ class StateCodec:
     def encode(self, name: str, value: Tensor, state: dict[str, Tensor]) -> None:
         """Store ``value`` into the storage of state ``name``, in place."""
         raise NotImplementedError
+
+    def loop_form(self) -> tuple | None:
+        """How the compiled backend's C++ loop decodes and codes this format inside the step
+        (``kernels.cpp.loops.Coded``'s fields after the slot; storage ``keys(name)``: codes, absmax),
+        or None where it cannot (the machinery then decodes before the update and codes after)."""
+        return None
 
 
 class Blockwise8bit(StateCodec):
@@ -79,6 +86,9 @@ class Blockwise8bit(StateCodec):
 
     def encode(self, name: str, value: Tensor, state: dict[str, Tensor]) -> None:
         quantize_blockwise_(value, state[name], state[f"{name}_absmax"], self.signed, self.block_size)
+
+    def loop_form(self) -> tuple:
+        return (map_name(8, self.signed), self.block_size, 8, not self.signed)
 
 
 class Blockwise4bit(StateCodec):
@@ -113,6 +123,9 @@ class Blockwise4bit(StateCodec):
 
     def encode(self, name: str, value: Tensor, state: dict[str, Tensor]) -> None:
         quantize_4bit_blockwise_(value, state[name], state[f"{name}_absmax"], self.signed, self.block_size)
+
+    def loop_form(self) -> tuple:
+        return (map_name(4, self.signed), self.block_size, 4, False)
 
 
 class Rank1Linear4bit(StateCodec):

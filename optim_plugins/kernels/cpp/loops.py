@@ -25,14 +25,14 @@ import ctypes
 import functools
 import subprocess
 from pathlib import Path
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 import torch
 from torch import Tensor
 
 from . import CAPABILITY_FLAGS, _cached_library, _compiler, unavailable_reason
 
-__all__ = ["loop_for", "covers", "LoopStep"]
+__all__ = ["loop_for", "covers", "Coded", "LoopStep"]
 
 # per slot dtype: how it is stored, the type the loop computes in, how it is loaded and stored
 _C_TYPES = {torch.float32: "float", torch.float64: "double", torch.bfloat16: "uint16_t"}
@@ -68,6 +68,7 @@ _PRELUDE = """\
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <limits>
 #include <omp.h>
 
 typedef {ctype} T;
@@ -84,15 +85,13 @@ static inline T clamp_min(T x, T m) {{ return (x < m || m != m) ? m : x; }}
 static inline T clamp_max(T x, T m) {{ return (x > m || m != m) ? m : x; }}
 static inline T maximum(T a, T b) {{ return (a < b || b != b) ? b : a; }}
 
-constexpr int64_t SLOTS = {slots}, SUMS = {sums}, LINE = 64, MIN_SHARE = 4096, BLOCK = 1024;  // LINE: elements
-
-extern "C" void step(int64_t n, void* const* ptrs, const int64_t* sizes, const double* scalars, int threads) {{
+constexpr int64_t SLOTS = {slots}, SUMS = {sums}, LINE = {line}, MIN_SHARE = 4096, BLOCK = {block};  // elements
+{codec}
+extern "C" void step(int64_t n, void* const* ptrs, const int64_t* sizes, const double* scalars, int threads,
+                     const void* const* maps) {{
 {constants}
 {shares}{pointers}
-    #pragma omp simd
-    for (int64_t d = begin; d < end; ++d) {{
-{body}
-    }}
+{step_loop}
   }} }}
 }}
 
@@ -100,23 +99,87 @@ extern "C" void step(int64_t n, void* const* ptrs, const int64_t* sizes, const d
 // partial[(thread * n + t) * SUMS + k]: g^2 (the gradient slot as stored), (new p - old p)^2, old p^2,
 // and the new value of each state slot. Summed in T over blocks of BLOCK elements, in double across them.
 extern "C" void step_sums(int64_t n, void* const* ptrs, const int64_t* sizes, const double* scalars, int threads,
-                          double* partial) {{
+                          const void* const* maps, double* partial) {{
 {constants}
 {shares}{pointers}
     double total[SUMS] = {{}};
-    for (int64_t block = begin; block < end; block += BLOCK) {{
-      const int64_t stop = block + BLOCK < end ? block + BLOCK : end;
-{accumulators}
-      #pragma omp simd reduction(+: {reduced})
-      for (int64_t d = block; d < stop; ++d) {{
-{body}
-{summed}
-      }}
-{totals}
-    }}
+{sums_loop}
     for (int64_t k = 0; k < SUMS; ++k) partial[(me * n + t) * SUMS + k] = total[k];
   }} }}
 }}
+"""
+
+# The loop over a thread's share without coded states: one vectorized pass.
+_STEP_LOOP = """\
+    #pragma omp simd
+    for (int64_t d = begin; d < end; ++d) {{
+{body}
+    }}"""
+
+# With sums, or with coded states: block by block (BLOCK elements: a coded block; else a run of float sums).
+_BLOCK_LOOP = """\
+    for (int64_t block = begin; block < end; block += BLOCK) {{
+      const int64_t stop = block + BLOCK < end ? block + BLOCK : end;
+{decode}{accumulators}
+      #pragma omp simd{reduction}
+      for (int64_t d = block; d < stop; ++d) {{
+{body}{summed}
+      }}
+{totals}{encode}
+    }}"""
+
+# Block-wise 8/4-bit states (kernels/quantize.py's formats): decoded into a stack buffer before a block's
+# update, coded from another after it, with quantize.cpp's steps (the same bytes; tested against it).
+_CODEC = """\
+// code[index] times the block's absmax
+template <int BITS>
+static inline void decode_block(const uint8_t* __restrict__ codes, int64_t first, int64_t count, float scale,
+                                const float* __restrict__ values, float* __restrict__ out) {
+  for (int64_t i = 0; i < count; ++i) {
+    const int64_t e = first + i;
+    const int code = BITS == 8 ? codes[e] : (codes[e / 2] >> (e % 2 ? 0 : 4)) & 0xF;
+    out[i] = values[code] * scale;
+  }
+}
+// absmax (NaN wins), x / max(absmax, tiny), the nearest code (ties to the lower one) from the table of
+// kernels.quantize.nearest_code_table: its base for the value's upper 16 bits, plus one where the value's
+// order key (its lower 16 bits, reversed for negative values) exceeds that of the midpoint inside the
+// bucket; where POSITIVE_NOT_ZERO a positive value never codes to 0
+template <int BITS, bool POSITIVE_NOT_ZERO>
+static inline void encode_block(const float* __restrict__ x, int64_t first, int64_t count, uint8_t* __restrict__ codes,
+                                float* __restrict__ absmax, const int32_t* __restrict__ table) {
+  constexpr int32_t LAST = (1 << BITS) - 1;
+  float peak = 0.0f;
+  int nan = 0;
+  #pragma omp simd reduction(max : peak) reduction(| : nan)
+  for (int64_t i = 0; i < count; ++i) {
+    const float a = std::fabs(x[i]);
+    peak = peak < a ? a : peak;
+    nan |= a != a;
+  }
+  if (nan) peak = std::numeric_limits<float>::quiet_NaN();
+  *absmax = peak;
+  const float tiny = std::numeric_limits<float>::min();
+  const float divisor = peak != peak ? peak : (peak < tiny ? tiny : peak);
+  alignas(64) uint8_t index[BLOCK];
+  uint8_t* __restrict__ out = BITS == 8 ? codes + first : index;
+  #pragma omp simd
+  for (int64_t i = 0; i < count; ++i) {
+    const float scaled = x[i] / divisor;
+    int32_t bits;
+    std::memcpy(&bits, &scaled, sizeof bits);
+    const int32_t entry = table[(bits >> 16) + 32768];
+    const int32_t key = (bits & 0xFFFF) ^ ((bits >> 31) & 0xFFFF);
+    int32_t k = (entry & 0xFF) + (key > ((entry >> 8) & 0xFFFF) ? 1 : 0);
+    k = k < LAST ? k : LAST;
+    if (POSITIVE_NOT_ZERO && scaled > 0.0f) k = k < 1 ? 1 : k;
+    out[i] = static_cast<uint8_t>(k);
+  }
+  if (BITS == 4) {  // first is even (blocks are): the pairs are whole; an odd tail pairs with a 0
+    for (int64_t i = 0; i < count; i += 2)
+      codes[(first + i) / 2] = static_cast<uint8_t>((index[i] << 4) | (i + 1 < count ? index[i + 1] : 0));
+  }
+}
 """
 
 # Opens the parallel region and the loop over tensors; each thread steps one contiguous share of
@@ -128,31 +191,46 @@ _SHARES = """\
   for (int64_t t = 0; t < n; ++t) {
     const int64_t size = sizes[t];
     int64_t share = (size + workers - 1) / workers;
-    share = share < MIN_SHARE ? MIN_SHARE : (share + LINE - 1) / LINE * LINE;
+    share = share < MIN_SHARE ? MIN_SHARE : (share + LINE - 1) / LINE * LINE;  // coded: LINE = a block
     const int64_t begin = ((me + t) % workers) * share;
     const int64_t end = begin + share < size ? begin + share : size;
 """
 
 
+class Coded(NamedTuple):
+    """A state slot kept block-wise in 8 or 4 bits (the formats of kernels/quantize.py): its input is
+    the uint8 codes, and the slot's absmax (fp32, one per block) follows the slots in each tensor's inputs."""
+
+    slot: int
+    kind: str  # the code map: a name kernels.quantize._search knows
+    block_size: int
+    bits: int  # 8: one code per byte; 4: two per byte, the even element in the high nibble
+    positive_not_zero: bool = False  # a positive value never codes to 0 (8-bit second moments)
+
+
 class LoopStep:
     """A compiled loop: ``step(inputs, scalars)`` runs the program on every tensor of ``inputs``
-    (a list, per tensor, of its slots' contiguous CPU tensors, in the dtypes it was built for)."""
+    (a list, per tensor, of its slots' contiguous CPU tensors, in the dtypes it was built for; with
+    coded slots, then each coded slot's absmax; with Kahan, then the compensation)."""
 
-    def __init__(self, library: ctypes.CDLL, slots: int, sums: int):
+    def __init__(self, library: ctypes.CDLL, slots: int, sums: int, maps: Sequence[Tensor] = ()):
         self._step, self._step_sums = library.step, library.step_sums
-        arguments = [ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int]
+        arguments = [ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p]
         for function, extra in ((self._step, []), (self._step_sums, [ctypes.c_void_p])):
             function.restype, function.argtypes = None, arguments + extra
         self.slots, self.sums = slots, sums
+        self._maps = list(maps)  # kept alive: the loop reads them through the pointers below
+        self._map_pointers = (ctypes.c_void_p * max(len(maps), 1))(*(t.data_ptr() for t in maps))
 
     def __call__(self, inputs: Sequence[Sequence[Tensor]], scalars: Sequence[float]) -> None:
         self._step(*self._arguments(inputs, scalars))
 
     def with_sums(self, inputs: Sequence[Sequence[Tensor]], scalars: Sequence[float]) -> Tensor:
         """The step, and per tensor (rows, float64): sum g^2 of the gradient slot as stored, sum of
-        (new p - old p)^2, sum old p^2, and the sum of each state slot's new value (slot 2, 3, ...)."""
+        (new p - old p)^2, sum old p^2, and the sum of each state slot's new value (slot 2, 3, ...;
+        of a coded slot: the value before it is coded)."""
         arguments = self._arguments(inputs, scalars)
-        threads = arguments[-1]
+        threads = arguments[4]
         partial = torch.zeros(threads, len(inputs), self.sums, dtype=torch.float64)  # one row block per thread
         self._step_sums(*arguments, partial.data_ptr())
         return partial.sum(0)
@@ -161,11 +239,11 @@ class LoopStep:
         pointers = (ctypes.c_void_p * (len(inputs) * self.slots))(*(t.data_ptr() for ts in inputs for t in ts))
         sizes = (ctypes.c_int64 * len(inputs))(*(ts[0].numel() for ts in inputs))
         values = (ctypes.c_double * max(len(scalars), 1))(*scalars)
-        return len(inputs), pointers, sizes, values, torch.get_num_threads()
+        return len(inputs), pointers, sizes, values, torch.get_num_threads(), self._map_pointers
 
 
 def source(program: tuple, mutated: tuple, dtypes: Sequence[torch.dtype], n_scalars: int,
-           kahan: bool = False) -> str | None:
+           kahan: bool = False, coded: Sequence[Coded] = ()) -> str | None:
     """The C++ source of ``program`` for input slots of ``dtypes``; None where an operation, an operand
     or a dtype is outside what the loop can express (the caller then takes Inductor's path).
 
@@ -178,13 +256,29 @@ def source(program: tuple, mutated: tuple, dtypes: Sequence[torch.dtype], n_scal
     ``kahan``: slot 0 is a bfloat16 parameter whose Kahan compensation (bfloat16, the pointer after
     the slots) is added to it when read and holds what rounding the new value into it lost when
     written: precision.working_copy and write_back, in the same pass.
+
+    ``coded``: float32 state slots kept block-wise in 8/4 bits: the loop runs block by block, decoding a block's codes into a
+    stack buffer, computing the program on it and coding the new values back (its absmax first), so
+    the states never exist in fp32 outside the cache. The bytes are those of decoding, stepping and
+    coding in three passes (quantize.cpp's formulas).
     """
     work = {_WORK_TYPES.get(dtype) for dtype in dtypes}
     if len(work) != 1 or None in work or (kahan and dtypes[0] != torch.bfloat16):
         return None
     ctype = work.pop()
+    block = 1024  # the run of float sums in step_sums; with coded slots, their block
+    if coded:
+        if (kahan or len({c.block_size for c in coded}) != 1
+                or any(c.slot < 2 or dtypes[c.slot] != torch.float32 or c.bits not in (4, 8) for c in coded)):
+            return None
+        block = coded[0].block_size
+        if block <= 0 or block % 2 or 4096 % block:  # whole blocks per share (MIN_SHARE 4096), whole byte pairs
+            return None
+    by_slot = {c.slot: c for c in coded}
     names = [f"s{slot}" for slot in range(len(dtypes))]  # the current value of each slot, by name
-    body = [f"        const T s{slot} = {_LOAD[dtype].format(f'p{slot}[d]')};" for slot, dtype in enumerate(dtypes)]
+    body = [f"        const T s{slot} = " + (f"decoded{slot}[d - block];" if slot in by_slot else
+                                              f"{_LOAD[dtype].format(f'p{slot}[d]')};")
+            for slot, dtype in enumerate(dtypes)]
     compensation = len(dtypes)  # its pointer's index (kahan)
     if kahan:
         body[0] = f"        const T s0 = bf16_load(p0[d]) + bf16_load(p{compensation}[d]);"
@@ -210,7 +304,8 @@ def source(program: tuple, mutated: tuple, dtypes: Sequence[torch.dtype], n_scal
         else:
             names.append(f"v{index}")
     stored = [slot for slot in mutated if not (kahan and slot == 0)]
-    body += [f"        p{slot}[d] = {_STORE[dtypes[slot]].format(names[slot])};" for slot in stored]
+    body += [f"        new{slot}[d - block] = {names[slot]};" if slot in by_slot else
+             f"        p{slot}[d] = {_STORE[dtypes[slot]].format(names[slot])};" for slot in stored]
     if kahan:  # p <- round(new); compensation <- round(new - p)
         body += [f"        const uint16_t rounded = bf16_bits({names[0]});", "        p0[d] = rounded;",
                  f"        p{compensation}[d] = bf16_bits({names[0]} - bf16_load(rounded));"]
@@ -220,14 +315,32 @@ def source(program: tuple, mutated: tuple, dtypes: Sequence[torch.dtype], n_scal
     summed = ["        a0 = std::fma(s1, s1, a0);", f"        const T change = {names[0]} - s0;",
               "        a1 = std::fma(change, change, a1);", "        a2 = std::fma(s0, s0, a2);",
               *(f"        a{3 + i} += {names[2 + i]};" for i in range(slots - 2))]
+    c_types = [*("uint8_t" if slot in by_slot else _C_TYPES[dtype] for slot, dtype in enumerate(dtypes)),
+               *["float"] * len(coded), *["uint16_t"] * kahan]
+    absmax = {c.slot: slots + j for j, c in enumerate(coded)}  # the pointer index of each coded slot's absmax
+    pointers = [f"    {c_type}* __restrict__ p{k} = static_cast<{c_type}*>(ptrs[t * SLOTS + {k}]);"
+                for k, c_type in enumerate(c_types)]
+    tables = [f"  const float* const values{c.slot} = static_cast<const float*>(maps[{2 * j}]);\n"
+              f"  const int32_t* const table{c.slot} = static_cast<const int32_t*>(maps[{2 * j + 1}]);"
+              for j, c in enumerate(coded)]
+    decode = "".join(f"      alignas(64) float decoded{c.slot}[BLOCK], new{c.slot}[BLOCK];\n"
+                     f"      decode_block<{c.bits}>(p{c.slot}, block, stop - block, p{absmax[c.slot]}[block / BLOCK], "
+                     f"values{c.slot}, decoded{c.slot});\n" for c in coded)
+    encode = "".join(f"\n      encode_block<{c.bits}, {str(c.positive_not_zero).lower()}>(new{c.slot}, block, "
+                     f"stop - block, p{c.slot}, p{absmax[c.slot]} + block / BLOCK, table{c.slot});"
+                     for c in coded if c.slot in stored)
+    blocks = dict(decode=decode, encode=encode, body="\n".join(body))
+    no_sums = dict(accumulators="", reduction="", summed="", totals="")
+    with_sums = dict(accumulators="      " + " ".join(f"T a{k} = 0;" for k in sums),
+                     reduction=" reduction(+: " + ", ".join(f"a{k}" for k in sums) + ")",
+                     summed="\n" + "\n".join(summed), totals="\n".join(f"      total[{k}] += a{k};" for k in sums))
     return _PRELUDE.format(
-        ctype=ctype, slots=slots + kahan, sums=3 + slots - 2, shares=_SHARES, body="\n".join(body),
-        constants="\n".join(f"  const T c{i} = T(scalars[{i}]);" for i in range(n_scalars)),
-        pointers="\n".join(f"    {_C_TYPES[dtype]}* __restrict__ p{slot} = "
-                           f"static_cast<{_C_TYPES[dtype]}*>(ptrs[t * SLOTS + {slot}]);"
-                           for slot, dtype in enumerate([*dtypes, *[torch.bfloat16] * kahan])),
-        accumulators="      " + " ".join(f"T a{k} = 0;" for k in sums), reduced=", ".join(f"a{k}" for k in sums),
-        summed="\n".join(summed), totals="\n".join(f"      total[{k}] += a{k};" for k in sums))
+        ctype=ctype, slots=len(c_types), sums=3 + slots - 2, line=block if coded else 64, block=block,
+        codec=_CODEC if coded else "", shares=_SHARES,
+        constants="\n".join([*(f"  const T c{i} = T(scalars[{i}]);" for i in range(n_scalars)), *tables]),
+        pointers="\n".join(pointers),
+        step_loop=_BLOCK_LOOP.format(**blocks, **no_sums) if coded else _STEP_LOOP.format(body=blocks["body"]),
+        sums_loop=_BLOCK_LOOP.format(**blocks, **with_sums))
 
 
 def _flags() -> list[str]:
@@ -248,12 +361,19 @@ def _build(text: str, out: Path) -> str | None:
 
 
 @functools.lru_cache(maxsize=None)
-def _loop(text: str, slots: int, sums: int) -> LoopStep | str:
+def _loop(text: str, slots: int, sums: int, coded: tuple[Coded, ...]) -> LoopStep | str:
     built = _cached_library("loops/step", "\0".join([text, _compiler() or "", *_flags()]),
                             functools.partial(_build, text))
     if isinstance(built, str):
         return built
-    return LoopStep(ctypes.CDLL(str(built)), slots, sums)
+    return LoopStep(ctypes.CDLL(str(built)), slots, sums, [t for c in coded for t in _map(c.kind)])
+
+
+def _map(kind: str) -> tuple[Tensor, Tensor | None]:
+    """The code values of a map and its ``nearest_code_table`` (kernels/quantize.py; None: none can be made)."""
+    from .. import quantize
+
+    return quantize._search(kind, torch.device("cpu"))[0], quantize.nearest_code_table(kind)
 
 
 def covers(dtypes: set[torch.dtype]) -> bool:
@@ -261,12 +381,14 @@ def covers(dtypes: set[torch.dtype]) -> bool:
     return len({_WORK_TYPES.get(dtype) for dtype in dtypes}) == 1 and dtypes <= set(_WORK_TYPES)
 
 
-def loop_for(program: tuple, mutated: tuple, dtypes: Sequence[torch.dtype], n_scalars: int, kahan: bool = False
-             ) -> LoopStep | str | None:
+def loop_for(program: tuple, mutated: tuple, dtypes: Sequence[torch.dtype], n_scalars: int, kahan: bool = False,
+             coded: Sequence[Coded] = ()) -> LoopStep | str | None:
     """The compiled loop of ``program`` (built on first use), None where the program is outside what
     the loop expresses or no compiler is found here, or the build failure's message. ``kahan``: each
-    tensor's inputs end with its parameter's Kahan compensation (see :func:`source`)."""
-    if unavailable_reason() is not None:
+    tensor's inputs end with its parameter's Kahan compensation; ``coded``: slots kept in 8/4 bits,
+    each tensor's inputs then end with their absmax tensors (see :func:`source`)."""
+    if unavailable_reason() is not None or any(_map(c.kind)[1] is None for c in coded):
         return None
-    text = source(program, mutated, dtypes, n_scalars, kahan)
-    return None if text is None else _loop(text, len(dtypes) + kahan, 3 + len(dtypes) - 2)
+    coded = tuple(sorted(coded))
+    text = source(program, mutated, dtypes, n_scalars, kahan, coded)
+    return None if text is None else _loop(text, len(dtypes) + len(coded) + kahan, 3 + len(dtypes) - 2, coded)
