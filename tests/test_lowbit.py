@@ -262,6 +262,30 @@ def test_code_index_is_bucketize_bitwise(kind):
     assert torch.equal(Q._code_index(x, kind).long(), torch.bucketize(x, midpoints))
 
 
+@pytest.mark.parametrize("kind", ["dynamic_signed", "dynamic_unsigned", "dynamic4_signed", "linear4"])
+def test_nearest_code_table_is_bucketize_on_every_bucket(kind):
+    """The C++ codec's search (one table read per value: a base and the midpoint's order key per upper 16
+    bits), written out in torch: torch.bucketize's index for both ends of every one of the 65536 bf16-wide
+    buckets, each midpoint's key and its neighbours in every bucket (so every step of the function), the
+    special values and a million heavy-tailed ones."""
+    code = {"dynamic_signed": dynamic_map(True), "dynamic_unsigned": dynamic_map(False),
+            "dynamic4_signed": de_map(), "linear4": LINEAR_MAP}[kind]
+    midpoints = (code[1:] + code[:-1]) / 2
+    table = Q.nearest_code_table(kind)
+    high = torch.arange(-(2**15), 2**15, dtype=torch.int32)
+    key = (table >> 8) & 0xFFFF
+    keys = torch.stack([torch.zeros_like(key), torch.full_like(key, 0xFFFF), key, (key - 1).clamp(0, 0xFFFF),
+                        (key + 1).clamp(0, 0xFFFF)])
+    low = torch.where(high < 0, 0xFFFF - keys, keys)  # a key back to a float's lower 16 bits
+    x = torch.cat([((high << 16) | low).view(torch.float32).reshape(-1), SPECIAL, midpoints,
+                   heavy_tailed(1_000_000, True, seed=4)])
+    x = x[~(x.isnan() & (x.view(torch.int32) >> 16 == -128))]  # negative signalling NaNs, as in _code_index
+    bits = x.view(torch.int32)
+    entry = table[((bits >> 16) + 2**15).long()]
+    ours = (entry & 0xFF) + (((bits & 0xFFFF) ^ ((bits >> 31) & 0xFFFF)) > ((entry >> 8) & 0xFFFF)).int()
+    assert torch.equal(ours.long(), torch.bucketize(x, midpoints))
+
+
 @pytest.mark.parametrize("signed", [True, False])
 def test_8bit_codes_are_unchanged_by_the_fast_search(signed):
     """quantize_blockwise_ stores the codes of the former bucketize formula, written out here."""

@@ -21,9 +21,11 @@ normalisation: element (i, j) is scaled by min(max of row i, max of column j) (a
 tensors, the minimum over the maxima of every dimension); 1-D tensors fall back to blocks of 128.
 
 Every value becomes the index of the nearest code (ties to the lower code), found exactly and
-fast by :func:`_code_index`. Functions take tensors only (no optimizer objects). On CPU the C++
-codec of :mod:`optim_plugins.kernels.cpp` does each quantiser and dequantiser in one pass per
-block (the same bytes; this module's tensor code runs elsewhere and where it cannot be built).
+fast by :func:`_code_index` (tensor code) and :func:`nearest_code_table` (the C++ code). Functions
+take tensors only (no optimizer objects). On CPU the C++ codec of :mod:`optim_plugins.kernels.cpp`
+does each quantiser and dequantiser in one pass per block (the same bytes; this module's tensor
+code runs elsewhere and where it cannot be built), and the compiled backend's loops code 8/4-bit
+states inside the update with the same C++ (``kernels/cpp/codec.h``).
 """
 from __future__ import annotations
 
@@ -112,7 +114,7 @@ def nearest_code_table(kind: str) -> Tensor | None:
     ``base + (key(x) > key)``, where ``key`` is a float's lower 16 bits, reversed (0xFFFF - them) for
     negative floats, whose bits grow as they fall; the same index as ``_code_index`` for every float
     (tested on every bucket's edges). None for a map with two midpoints in one bucket (none here).
-    The compiled backend's C++ loops code 8/4-bit states with it (one table read per value).
+    The C++ codec (``kernels/cpp/codec.h``) codes with it: one table read per value.
     """
     _, midpoints, table, steps = _search(kind, torch.device("cpu"))
     if steps > 1 or table.max() > 255:
@@ -175,7 +177,7 @@ def quantize_blockwise_(x: Tensor, codes: Tensor, absmax: Tensor, signed: bool,
     Non-finite values make their block non-finite, as a NaN state propagates in fp32.
     """
     kind = map_name(8, signed)
-    if x.device.type == "cpu" and cpp_kernels.quantize_blockwise_(x, codes, absmax, _search(kind, x.device),
+    if x.device.type == "cpu" and cpp_kernels.quantize_blockwise_(x, codes, absmax, nearest_code_table(kind),
                                                                   block_size, bits=8, positive_not_zero=not signed):
         return
     blocks = _blocks(x.float(), block_size)
@@ -242,9 +244,8 @@ def quantize_4bit_blockwise_(x: Tensor, packed: Tensor, absmax: Tensor, signed: 
     ``signed=True``: the dynamic-exponent map (first moment); False: the linear map without
     zero (second moment), so a value below 1/32 of its block's absmax becomes 1/16 of it.
     """
-    search = _search(_map_4bit(signed), x.device)
-    if x.device.type == "cpu" and cpp_kernels.quantize_blockwise_(x, packed, absmax, search, block_size, bits=4,
-                                                                  positive_not_zero=False):
+    if x.device.type == "cpu" and cpp_kernels.quantize_blockwise_(x, packed, absmax, nearest_code_table(_map_4bit(signed)),
+                                                                  block_size, bits=4, positive_not_zero=False):
         return
     blocks = _blocks(x.float(), block_size)
     torch.amax(blocks.abs(), dim=1, out=absmax)
@@ -287,9 +288,8 @@ def quantize_4bit_rank1_(x: Tensor, packed: Tensor, maxima: Tensor) -> None:
     ``maxima`` (fp32, ``sum(x.shape)``) receives :func:`rank1_maxima`. In place."""
     maxima.copy_(rank1_maxima(x))
     scaled = x.float() / rank1_scale(maxima, x.shape).clamp_min(torch.finfo(torch.float32).tiny)
-    search = _search("linear4", x.device)
-    if x.device.type == "cpu" and cpp_kernels.quantize_blockwise_(scaled, packed, None, search, BLOCK_SIZE_4BIT,
-                                                                  bits=4, positive_not_zero=False):
+    if x.device.type == "cpu" and cpp_kernels.quantize_blockwise_(scaled, packed, None, nearest_code_table("linear4"),
+                                                                  BLOCK_SIZE_4BIT, bits=4, positive_not_zero=False):
         return
     packed.copy_(pack_4bit(_code_index(scaled, "linear4")))
 

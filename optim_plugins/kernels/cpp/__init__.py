@@ -7,7 +7,8 @@
   step gives the same bits as any other (tested), plus four sums per tensor from registers the
   update already holds.
 * ``quantize.cpp``: the 8-bit and 4-bit state codecs of :mod:`optim_plugins.kernels.quantize`
-  (absmax, nearest code, packing; and back) in one pass per block, the same bytes as its eager code.
+  (absmax, nearest code, packing; and back) in one pass per block, the same bytes as its eager code;
+  the coding itself is ``codec.h``, which the generated loops below include too.
 * :mod:`.loops` (generated, not in this list): the compiled backend's recorded updates printed as
   C++ loops, one small library per program, built with the same compiler and cache directory.
 
@@ -34,6 +35,7 @@ import torch
 from torch import Tensor
 
 SOURCES = sorted(Path(__file__).parent.glob("*.cpp"))
+HEADERS = sorted(Path(__file__).parent.glob("*.h"))  # codec.h: also included by the generated loops
 DTYPES = (torch.float32, torch.float64)
 # the flags ATen compiles its kernels for each CPU capability with (the vector code must match theirs)
 CAPABILITY_FLAGS = {
@@ -93,7 +95,8 @@ def _build(compiler: str, out: Path) -> str | None:
 def _load() -> str | None:
     """Build (once per sources, torch and flags) and load the library; None, or the reason it failed."""
     compiler = _compiler()
-    text = "\0".join([*(source.read_text() for source in SOURCES), torch.__version__, compiler, *_flags()])
+    text = "\0".join([*(source.read_text() for source in (*SOURCES, *HEADERS)), torch.__version__, compiler,
+                      *_flags()])
     library = _cached_library("optim_plugins_cpu", text, functools.partial(_build, compiler))
     if isinstance(library, str):
         return library
@@ -183,19 +186,18 @@ def _takes(params: list[Tensor], others: tuple[list[Tensor], ...], grad_scale: T
     return ready()
 
 
-def quantize_blockwise_(x: Tensor, codes: Tensor, absmax: Tensor | None, search: tuple[Tensor, Tensor, Tensor, int],
+def quantize_blockwise_(x: Tensor, codes: Tensor, absmax: Tensor | None, table: Tensor | None,
                         block_size: int, bits: int, positive_not_zero: bool) -> bool:
     """The quantisers of :mod:`optim_plugins.kernels.quantize` on contiguous CPU float32 ``x``: ``codes``
     (uint8; ``bits=4``: two per byte) and, when ``absmax`` is given, one absmax per block (else ``x`` is
-    already scaled); ``search`` is ``_search``'s ``(code, midpoints + [inf], table, steps)`` of the map.
-    False, with nothing written, where it cannot run."""
-    _, midpoints, table, steps = search
-    if not (x.device.type == "cpu" and x.dtype == torch.float32 and x.is_contiguous() and codes.is_contiguous()
-            and (absmax is None or absmax.is_contiguous()) and table.device.type == "cpu"
-            and (bits == 8 or block_size % 2 == 0)) or not ready():
+    already scaled); ``table`` is the map's ``nearest_code_table``. False, with nothing written, where
+    it cannot run (no table, a tensor it does not take, no library)."""
+    if table is None or not (x.device.type == "cpu" and x.dtype == torch.float32 and x.is_contiguous()
+                             and codes.is_contiguous() and (absmax is None or absmax.is_contiguous())
+                             and (bits == 8 or block_size % 2 == 0)) or not ready():
         return False
-    torch.ops.optim_plugins.quantize_blockwise(x, codes, absmax if absmax is not None else _NONE, table, midpoints,
-                                               steps, absmax is not None, positive_not_zero, block_size, bits)
+    torch.ops.optim_plugins.quantize_blockwise(x, codes, absmax if absmax is not None else _NONE, table,
+                                               absmax is not None, positive_not_zero, block_size, bits)
     return True
 
 

@@ -34,6 +34,7 @@ from . import CAPABILITY_FLAGS, _cached_library, _compiler, unavailable_reason
 
 __all__ = ["loop_for", "covers", "Coded", "LoopStep"]
 
+_HERE = Path(__file__).parent  # codec.h
 # per slot dtype: how it is stored, the type the loop computes in, how it is loaded and stored
 _C_TYPES = {torch.float32: "float", torch.float64: "double", torch.bfloat16: "uint16_t"}
 _WORK_TYPES = {torch.float32: "float", torch.float64: "double", torch.bfloat16: "float"}
@@ -68,7 +69,6 @@ _PRELUDE = """\
 #include <cmath>
 #include <cstdint>
 #include <cstring>
-#include <limits>
 #include <omp.h>
 
 typedef {ctype} T;
@@ -129,57 +129,10 @@ _BLOCK_LOOP = """\
     }}"""
 
 # Block-wise 8/4-bit states (kernels/quantize.py's formats): decoded into a stack buffer before a block's
-# update, coded from another after it, with quantize.cpp's steps (the same bytes; tested against it).
+# update, coded from another after it, by codec.h (quantize.cpp's coding: the same bytes).
 _CODEC = """\
-// code[index] times the block's absmax
-template <int BITS>
-static inline void decode_block(const uint8_t* __restrict__ codes, int64_t first, int64_t count, float scale,
-                                const float* __restrict__ values, float* __restrict__ out) {
-  for (int64_t i = 0; i < count; ++i) {
-    const int64_t e = first + i;
-    const int code = BITS == 8 ? codes[e] : (codes[e / 2] >> (e % 2 ? 0 : 4)) & 0xF;
-    out[i] = values[code] * scale;
-  }
-}
-// absmax (NaN wins), x / max(absmax, tiny), the nearest code (ties to the lower one) from the table of
-// kernels.quantize.nearest_code_table: its base for the value's upper 16 bits, plus one where the value's
-// order key (its lower 16 bits, reversed for negative values) exceeds that of the midpoint inside the
-// bucket; where POSITIVE_NOT_ZERO a positive value never codes to 0
-template <int BITS, bool POSITIVE_NOT_ZERO>
-static inline void encode_block(const float* __restrict__ x, int64_t first, int64_t count, uint8_t* __restrict__ codes,
-                                float* __restrict__ absmax, const int32_t* __restrict__ table) {
-  constexpr int32_t LAST = (1 << BITS) - 1;
-  float peak = 0.0f;
-  int nan = 0;
-  #pragma omp simd reduction(max : peak) reduction(| : nan)
-  for (int64_t i = 0; i < count; ++i) {
-    const float a = std::fabs(x[i]);
-    peak = peak < a ? a : peak;
-    nan |= a != a;
-  }
-  if (nan) peak = std::numeric_limits<float>::quiet_NaN();
-  *absmax = peak;
-  const float tiny = std::numeric_limits<float>::min();
-  const float divisor = peak != peak ? peak : (peak < tiny ? tiny : peak);
-  alignas(64) uint8_t index[BLOCK];
-  uint8_t* __restrict__ out = BITS == 8 ? codes + first : index;
-  #pragma omp simd
-  for (int64_t i = 0; i < count; ++i) {
-    const float scaled = x[i] / divisor;
-    int32_t bits;
-    std::memcpy(&bits, &scaled, sizeof bits);
-    const int32_t entry = table[(bits >> 16) + 32768];
-    const int32_t key = (bits & 0xFFFF) ^ ((bits >> 31) & 0xFFFF);
-    int32_t k = (entry & 0xFF) + (key > ((entry >> 8) & 0xFFFF) ? 1 : 0);
-    k = k < LAST ? k : LAST;
-    if (POSITIVE_NOT_ZERO && scaled > 0.0f) k = k < 1 ? 1 : k;
-    out[i] = static_cast<uint8_t>(k);
-  }
-  if (BITS == 4) {  // first is even (blocks are): the pairs are whole; an odd tail pairs with a 0
-    for (int64_t i = 0; i < count; i += 2)
-      codes[(first + i) / 2] = static_cast<uint8_t>((index[i] << 4) | (i + 1 < count ? index[i + 1] : 0));
-  }
-}
+#include "codec.h"
+namespace codec = optim_plugins_codec;
 """
 
 # Opens the parallel region and the loop over tensors; each thread steps one contiguous share of
@@ -324,10 +277,10 @@ def source(program: tuple, mutated: tuple, dtypes: Sequence[torch.dtype], n_scal
               f"  const int32_t* const table{c.slot} = static_cast<const int32_t*>(maps[{2 * j + 1}]);"
               for j, c in enumerate(coded)]
     decode = "".join(f"      alignas(64) float decoded{c.slot}[BLOCK], new{c.slot}[BLOCK];\n"
-                     f"      decode_block<{c.bits}>(p{c.slot}, block, stop - block, p{absmax[c.slot]}[block / BLOCK], "
+                     f"      codec::decode<{c.bits}>(p{c.slot}, block, stop - block, p{absmax[c.slot]}[block / BLOCK], "
                      f"values{c.slot}, decoded{c.slot});\n" for c in coded)
-    encode = "".join(f"\n      encode_block<{c.bits}, {str(c.positive_not_zero).lower()}>(new{c.slot}, block, "
-                     f"stop - block, p{c.slot}, p{absmax[c.slot]} + block / BLOCK, table{c.slot});"
+    encode = "".join(f"\n      codec::code_block<{c.bits}, {str(c.positive_not_zero).lower()}>(new{c.slot}, block, "
+                     f"stop - block, table{c.slot}, p{c.slot}, p{absmax[c.slot]} + block / BLOCK);"
                      for c in coded if c.slot in stored)
     blocks = dict(decode=decode, encode=encode, body="\n".join(body))
     no_sums = dict(accumulators="", reduction="", summed="", totals="")
@@ -354,7 +307,8 @@ def _flags() -> list[str]:
 def _build(text: str, out: Path) -> str | None:
     cpp = out.with_suffix(".cpp")
     cpp.write_text(text)
-    job = subprocess.run([_compiler(), *_flags(), str(cpp), "-o", str(out)], capture_output=True, text=True)
+    job = subprocess.run([_compiler(), *_flags(), f"-I{_HERE}", str(cpp), "-o", str(out)], capture_output=True,
+                         text=True)
     if job.returncode != 0:
         return f"{_compiler()} failed ({job.returncode}): {job.stderr.strip()[-2000:]}"
     return None
@@ -362,7 +316,8 @@ def _build(text: str, out: Path) -> str | None:
 
 @functools.lru_cache(maxsize=None)
 def _loop(text: str, slots: int, sums: int, coded: tuple[Coded, ...]) -> LoopStep | str:
-    built = _cached_library("loops/step", "\0".join([text, _compiler() or "", *_flags()]),
+    header = (_HERE / "codec.h").read_text() if coded else ""  # what the source includes is part of the key
+    built = _cached_library("loops/step", "\0".join([text, header, _compiler() or "", *_flags()]),
                             functools.partial(_build, text))
     if isinstance(built, str):
         return built

@@ -1,0 +1,98 @@
+// Block-wise 8/4-bit state coding in the formats of kernels/quantize.py, written once for quantize.cpp
+// (the codec on its own) and for the compiled backend's generated loops (loops.py: decoded and coded
+// around the update, block by block). Plain C++17, no ATen: both include it.
+//
+// A block of values is divided by its absmax (at least the smallest normal float; NaN where the block
+// holds one) and each value becomes the index of the nearest code of the map (ties to the lower code),
+// looked up in kernels.quantize.nearest_code_table: bits 0-7 of the entry for a value's upper 16 bits
+// count the midpoints below that bf16-wide bucket, bits 8-23 hold the order key of the one midpoint
+// inside it (0xFFFF: none), and the value takes one more where its own key (its lower 16 bits, reversed
+// for negative values, whose bits grow as they fall) is greater. 8 bits: one code per byte; 4 bits: two,
+// element 2k in the high nibble of byte k.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+
+namespace optim_plugins_codec {
+
+// out[i] = values[code of element first + i] * scale, for count elements
+template <int BITS>
+inline void decode(const uint8_t* __restrict__ codes, int64_t first, int64_t count, float scale,
+                   const float* __restrict__ values, float* __restrict__ out) {
+  for (int64_t i = 0; i < count; ++i) {
+    const int64_t e = first + i;
+    const int code = BITS == 8 ? codes[e] : (codes[e / 2] >> (e % 2 ? 0 : 4)) & 0xF;
+    out[i] = values[code] * scale;
+  }
+}
+
+// The largest |x| of a block; NaN where it holds a NaN (as torch.amax)
+inline float absmax(const float* __restrict__ x, int64_t count) {
+  float peak = 0.0f;
+  int nan = 0;
+#pragma omp simd reduction(max : peak) reduction(| : nan)
+  for (int64_t i = 0; i < count; ++i) {
+    const float a = std::fabs(x[i]);
+    peak = peak < a ? a : peak;
+    nan |= a != a;
+  }
+  return nan ? std::numeric_limits<float>::quiet_NaN() : peak;
+}
+
+// What a block is divided by: its absmax, at least the smallest normal float (NaN stays NaN)
+inline float divisor(float peak) {
+  const float tiny = std::numeric_limits<float>::min();
+  return peak != peak ? peak : (peak < tiny ? tiny : peak);
+}
+
+// x[i] / by coded into the codes of elements first .. first + count (first even for 4 bits; an odd
+// count's last byte pairs its code with 0); POSITIVE_NOT_ZERO: a positive value never codes to 0
+// The code of scaled = x / by (kLast: the largest code)
+template <int BITS, bool POSITIVE_NOT_ZERO>
+inline uint8_t nearest_code(float x, float by, const int32_t* __restrict__ table) {
+  constexpr int32_t kLast = (1 << BITS) - 1;
+  const float scaled = x / by;
+  int32_t bits;
+  std::memcpy(&bits, &scaled, sizeof bits);
+  const int32_t entry = table[(bits >> 16) + 32768];
+  const int32_t key = (bits & 0xFFFF) ^ ((bits >> 31) & 0xFFFF);
+  int32_t k = (entry & 0xFF) + (key > ((entry >> 8) & 0xFFFF) ? 1 : 0);
+  k = k < kLast ? k : kLast;
+  if (POSITIVE_NOT_ZERO && scaled > 0.0f) k = k < 1 ? 1 : k;
+  return static_cast<uint8_t>(k);
+}
+
+// x[i] / by coded into the codes of elements first .. first + count (first even for 4 bits; an odd
+// count's last byte pairs its code with 0); POSITIVE_NOT_ZERO: a positive value never codes to 0
+template <int BITS, bool POSITIVE_NOT_ZERO>
+inline void code(const float* __restrict__ x, int64_t first, int64_t count, float by,
+                 const int32_t* __restrict__ table, uint8_t* __restrict__ codes) {
+  if constexpr (BITS == 8) {
+#pragma omp simd
+    for (int64_t i = 0; i < count; ++i) codes[first + i] = nearest_code<8, POSITIVE_NOT_ZERO>(x[i], by, table);
+  } else {
+    constexpr int64_t kPiece = 256;  // values coded at a time into the stack buffer (even)
+    alignas(64) uint8_t index[kPiece];
+    for (int64_t piece = 0; piece < count; piece += kPiece) {
+      const int64_t n = count - piece < kPiece ? count - piece : kPiece;
+#pragma omp simd
+      for (int64_t i = 0; i < n; ++i) index[i] = nearest_code<BITS, POSITIVE_NOT_ZERO>(x[piece + i], by, table);
+      for (int64_t i = 0; i < n; i += 2)
+        codes[(first + piece + i) / 2] = static_cast<uint8_t>((index[i] << 4) | (i + 1 < n ? index[i + 1] : 0));
+    }
+  }
+}
+
+// A block coded with its own absmax, which is written to *peak_out
+template <int BITS, bool POSITIVE_NOT_ZERO>
+inline void code_block(const float* __restrict__ x, int64_t first, int64_t count, const int32_t* __restrict__ table,
+                       uint8_t* __restrict__ codes, float* __restrict__ peak_out) {
+  const float peak = absmax(x, count);
+  *peak_out = peak;
+  code<BITS, POSITIVE_NOT_ZERO>(x, first, count, divisor(peak), table, codes);
+}
+
+}  // namespace optim_plugins_codec
