@@ -117,7 +117,8 @@ def test_compiled_buckets_the_loop_cannot_sum_are_measured_around_the_step(monke
         pytest.skip("no C++ loop here")
     original = compiled.run_with_sums
     monkeypatch.setattr(compiled, "run_with_sums",
-                        lambda update, p, *rest: None if p[0].dtype == torch.float64 else original(update, p, *rest))
+                        lambda update, p, *rest, **kwargs: None if p[0].dtype == torch.float64
+                        else original(update, p, *rest, **kwargs))
     g = torch.Generator().manual_seed(0)
     params = [nn.Parameter(torch.randn(n, generator=g, dtype=dtype)) for n, dtype in
               ((300, torch.float32), (40, torch.float64), (7, torch.float32), (9, torch.float64))]
@@ -158,4 +159,35 @@ def test_state_bytes_follow_new_and_replaced_states():
         counted.append(recorder.history[-1]["state_bytes"])
         assert counted[-1] == op.state_bytes(optimizer)
     assert counted[0] < counted[1] == counted[2]
+    recorder.remove()
+
+
+@pytest.mark.parametrize("backend", ["foreach", "compiled"])
+def test_kahan_compensated_bf16_parameters_measure_the_working_value(backend, monkeypatch):
+    """bf16 parameters with Kahan compensation: the update and weight norms are those of p + compensation
+    (the value the optimizer steps), before and after, in the foreach backend (measured around the step)
+    and in the compiled backend, whose C++ loop reads and writes the compensation and sums in that pass."""
+    summed = []
+    original = compiled.run_with_sums
+    monkeypatch.setattr(compiled, "run_with_sums",
+                        lambda *args, **kwargs: summed.append(original(*args, **kwargs)) or summed[-1])
+    g = torch.Generator().manual_seed(0)
+    params = [nn.Parameter(torch.randn(n, generator=g).bfloat16()) for n in (300, 7)]
+    optimizer = op.create_optimizer("adamw", params, lr=1e-2, backend=backend)
+    recorder = telemetry(optimizer, by="param")
+    for step in range(3):
+        value = lambda p: p.detach().double() + optimizer.state[p]["compensation"].double() if optimizer.state[p] \
+            else p.detach().double()
+        old = [value(p) for p in params]
+        for i, p in enumerate(params):
+            p.grad = torch.sin(p.detach().float() * (step + 2) + i).bfloat16()
+        optimizer.step()
+        units = recorder.history[-1]["units"]
+        for i, p in enumerate(params):
+            got = units[f"param{i}"]
+            assert got["grad_norm"] == pytest.approx(float(p.grad.double().norm()), rel=1e-5)
+            assert got["update_norm"] == pytest.approx(float((value(p) - old[i]).norm()), rel=1e-3)
+            assert got["weight_norm"] == pytest.approx(float(old[i].norm()), rel=1e-5)
+    in_loop = backend == "compiled" and compiled.loops_cover({torch.bfloat16})
+    assert (len(summed) == 3 and all(rows is not None for rows in summed)) if in_loop else not summed
     recorder.remove()

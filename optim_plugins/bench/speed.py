@@ -253,18 +253,20 @@ NOTES = [
     "## Notes",
     "",
     "- `backend=compiled`: the optimizer's own `update`, recorded once per program and printed as one C++ loop "
-    "over the bucket (kernels/cpp/loops.py, fp32/fp64 buckets; one call per step); `backend=compiled (Inductor)`: "
-    "the same program compiled by Inductor, one call per tensor (what bf16 buckets run). `first step s` includes "
+    "over the bucket (kernels/cpp/loops.py, fp32/bf16/fp64 buckets; one call per step); `backend=compiled (Inductor)`: "
+    "the same program compiled by Inductor, one call per tensor (what fp16 buckets run). `first step s` includes "
     "the build (the loop: ~0.5 s; Inductor: seconds; both from an on-disk cache when the same program was built "
     "before on this machine). Later steps never rebuild (lr, step, betas enter as numbers).",
     "- `adam`, `adamw`, `fused_adamw`, `sgd` and `adagrad` with `backend=auto` (the default) call torch's fused kernel "
     "(`torch._fused_adamw_`, `_fused_sgd_`, ...) on CPU: for adam(w) the same kernel as the baseline, so their "
     "ratio is 1.0 up to noise and host overhead.",
-    "- 8/4-bit optimizers: the compiled update runs between decode/encode passes of the codes, a few "
-    "tensors at a time (bytes per param counts the compact states, not those passes). The codes are "
-    "read and written by the C++ codec (kernels/cpp/quantize.cpp, one pass per block, the bytes of the "
-    "eager code; 4-bit rank-1 scaling stays eager). Inductor's code for the quantiser (gathers from the "
-    "code map) measured slower than the eager one (58 vs 39 ms per 3.3M elements).",
+    "- 8/4-bit optimizers: `backend=compiled` decodes, steps and codes block-wise states in its C++ loop, "
+    "block by block in the cache (kernels/cpp/codec.h: one table read per coded value; the bytes of decoding, "
+    "stepping and coding in turn); the per-byte ratio counts the compact states. The rank-1 4-bit second moment "
+    "(adam4bit/adamw4bit's default, a scale that spans the tensor) and the other backends still decode the "
+    "states into fp32 temporaries around the update, a few tensors at a time, with the same C++ codec. "
+    "The coding is compute-bound here (a gather per value), so 8-bit steps run at 3-4x the fused AdamW "
+    "time per byte.",
     "- Timings on a shared machine are noisy; the ratios come from interleaved rounds, not from separate runs.",
 ]
 

@@ -534,20 +534,25 @@ def run(update: Callable[..., None], p: list[Tensor], g: list[Tensor], arrays: d
 
 
 def run_with_sums(update: Callable[..., None], p: list[Tensor], g: list[Tensor], arrays: dict[str, list[Tensor]],
-                  others: dict[str, Any], prologue: Callable[[Any, Any], Any], coded: Coding | None = None
-                  ) -> Tensor | None:
+                  others: dict[str, Any], prologue: Callable[[Any, Any], Any], coded: Coding | None = None,
+                  compensations: list[Tensor] | None = None) -> Tensor | None:
     """``run`` through the C++ loop that also sums, in the same pass (op.telemetry): per tensor a float64
-    row of sum g^2 (the gradient as stored), sum (new p - old p)^2, sum old p^2 and the sum of each
-    array's new value (in ``arrays`` order; a coded array's before it is coded). None, with nothing
-    changed, where that loop cannot step the bucket (the caller then measures around a step of its own)."""
+    row of sum g^2 (the gradient as stored), sum (new p - old p)^2, sum old p^2 (p: the parameter plus
+    its Kahan compensation where ``compensations`` are given) and the sum of each array's new value (in
+    ``arrays`` order; a coded array's before it is coded). None, with nothing changed, where that loop
+    cannot step the bucket (the caller then measures around a step of its own)."""
     recorded = _record(update, p, g, arrays, others, prologue, coded)
     if recorded is None:
         return None
-    loop = _loop(recorded.program, recorded.mutated, recorded.dtypes, len(recorded.scalars), False, recorded.coded)
-    if loop is None:
+    loop = _loop(recorded.program, recorded.mutated, recorded.dtypes, len(recorded.scalars),
+                 compensations is not None, recorded.coded)
+    if loop is None or not all(c.is_contiguous() for c in compensations or ()):
         return None
+    inputs = recorded.inputs
+    if compensations is not None:
+        inputs = [[*tensors, c] for tensors, c in zip(inputs, compensations)]
     recorded.commit()
-    return loop.with_sums(recorded.inputs, recorded.scalars)
+    return loop.with_sums(inputs, recorded.scalars)
 
 
 def _run_packed(fn: Callable[..., None], inputs: list[list[Tensor]], mutated: tuple, scalars: Tensor) -> None:

@@ -578,8 +578,11 @@ class Optimizer(torch.optim.Optimizer):
                       and self.state_dtype(params[0], group) == dtype
                       and all(c.keys() == codecs[0].keys() and all(codec.loop_form() for codec in c.values())
                               for c in codecs))
-        if with_sums and (any(fusable) or mode is not None or self.state_dtype(params[0], group) != dtype
-                          or (any(codecs) and not coded_loop)):
+        # Kahan on bf16 parameters folded into the compiled C++ loop (p + compensation read, both written)
+        folded = (compile and not per_tensor and mode == "kahan" and self.state_dtype(params[0], group) == dtype
+                  and compiled_kernels.loops_cover({dtype}) and not any(codecs))
+        if with_sums and (any(fusable) or (mode is not None and not folded)
+                          or self.state_dtype(params[0], group) != dtype or (any(codecs) and not coded_loop)):
             return None
         if coded_loop:
             done = self._coded_loop_step(group, params, grads, states, codecs, inv_scale, with_sums)
@@ -603,9 +606,6 @@ class Optimizer(torch.optim.Optimizer):
                 self._apply(group, *_pick(index, params, grads, states), per_tensor, compile, inv_scale)
             return
         step = states[0]["step"].item()
-        # Kahan on bf16 parameters folded into the compiled C++ loop (p + compensation read, both written)
-        folded = (compile and not per_tensor and mode == "kahan" and self.state_dtype(params[0], group) == dtype
-                  and compiled_kernels.loops_cover({dtype}) and not any(codecs))
         upcast = not folded and (mode is not None or self.state_dtype(params[0], group) != dtype)
         work = [working_copy(p, s.get("compensation")) for p, s in zip(params, states)] if upcast else params
         if upcast and self.state_dtype(params[0], group) != dtype:
@@ -620,11 +620,12 @@ class Optimizer(torch.optim.Optimizer):
             p, g, state, arrays, others = _bucket(work, grads, views)
             arguments = (self._bound_update(group, step), p.tensors, g.tensors, arrays, others,
                          self._prologue(group, inv_scale))
+            compensations = [s["compensation"] for s in states] if folded else None
             if with_sums:  # nothing to encode or write back (checked above)
-                rows = compiled_kernels.run_with_sums(*arguments)
+                rows = compiled_kernels.run_with_sums(*arguments, compensations=compensations)
                 return None if rows is None else (rows, list(arrays))
             if folded:
-                if not compiled_kernels.run(*arguments, compensations=[s["compensation"] for s in states]):
+                if not compiled_kernels.run(*arguments, compensations=compensations):
                     self._apply(group, params, grads, states, per_tensor, False, inv_scale)  # working copies, eager
                 return None
             if not (compile and compiled_kernels.run(*arguments)):
