@@ -191,3 +191,40 @@ def test_kahan_compensated_bf16_parameters_measure_the_working_value(backend, mo
     in_loop = backend == "compiled" and compiled.loops_cover({torch.bfloat16})
     assert (len(summed) == 3 and all(rows is not None for rows in summed)) if in_loop else not summed
     recorder.remove()
+
+
+def test_auto_8bit_group_is_summed_in_both_kernels_it_runs():
+    """adam8bit under backend="auto" on CPU past LOOP_THRESHOLD: its 8-bit tensors step on the compiled C++
+    loop and its small fp32-state tensors on torch's fused Adam kernel; a recording step sums each bucket
+    in the kernel that steps it (the C++ Adam kernel for the small ones), copies no parameter, and gives the
+    bits of an unrecorded step."""
+    from optim_plugins.optimizers.base import LOOP_THRESHOLD
+
+    if compiled.unavailable_reason() is not None or not compiled.loops_cover({torch.float32}):
+        pytest.skip("no C++ loop here")
+    results = []
+    for record in (False, True):
+        g = torch.Generator().manual_seed(0)
+        params = [nn.Parameter(torch.randn(n, generator=g) * 0.1) for n in (LOOP_THRESHOLD, 64, 4096)]
+        optimizer = op.create_optimizer("adam8bit", params, lr=1e-2)
+        recorder = telemetry(optimizer, by="param") if record else None
+        for step in range(2):
+            old = [p.detach().double().clone() for p in params]
+            for i, p in enumerate(params):
+                p.grad = torch.sin(p.detach() * (step + 2) + i)
+            optimizer.step()
+            if recorder is not None:
+                units = recorder.history[-1]["units"]
+                for i, p in enumerate(params):
+                    got = units[f"param{i}"]
+                    assert got["grad_norm"] == pytest.approx(float(p.grad.double().norm()), rel=1e-5)
+                    assert got["update_norm"] == pytest.approx(float((p.detach().double() - old[i]).norm()), rel=1e-4)
+                    assert got["weight_norm"] == pytest.approx(float(old[i].norm()), rel=1e-5)
+                assert "second_moment" in units["param1"] and "second_moment" not in units["param0"]
+        assert optimizer.state[params[0]]["exp_avg"].dtype == torch.uint8  # coded
+        assert optimizer.state[params[1]]["exp_avg"].dtype == torch.float32  # below min_8bit_size
+        if recorder is not None:
+            assert recorder._copies == {}
+            recorder.remove()
+        results.append([p.detach().clone() for p in params])
+    assert all(torch.equal(a, b) for a, b in zip(*results))

@@ -243,7 +243,7 @@ class Optimizer(torch.optim.Optimizer):
         """``torch_fused_step``'s step, bit for bit, that also writes ``op.telemetry``'s sums, or False
         with nothing changed.
 
-        Optional; called on recording steps for groups ``torch_fused_step`` would take whole. Writes
+        Optional; called on recording steps for the parameters ``torch_fused_step`` would take. Writes
         one row of ``sums`` (float64, ``[len(params), 4]``) per parameter: g^2 (after unscaling),
         (new p - old p)^2, old p^2 and the second moment the recorder reads, all from the one pass
         of the step (Adam/AdamW and SGD: the C++ kernels of :mod:`optim_plugins.kernels.cpp`).
@@ -416,13 +416,10 @@ class Optimizer(torch.optim.Optimizer):
             self._triton_step(group, params, grads, states, inv_scale, probe)
             return
         buckets = list(buckets)
-        if probe is not None and not per_tensor and self._step_with_sums(group, params, grads, states, buckets,
-                                                                         inv_scale, probe):
-            return
-        if probe is not None and backend == "compiled" and not per_tensor:  # left: what the C++ loop cannot sum
-            kept = [index for index in buckets
-                    if not self._compiled_step_with_sums(group, *_pick(index, params, grads, states), inv_scale, probe)]
-            chosen = sorted(i for index in kept for i in index)
+        if probe is not None and not per_tensor:  # summed in the pass that steps, where a kernel can
+            kept = [left for index in buckets
+                    if (left := self._step_with_sums(group, index, params, grads, states, backend, inv_scale, probe))]
+            chosen = sorted(i for index in kept for i in index)  # left: measured around an ordinary step
             position = {i: k for k, i in enumerate(chosen)}
             buckets = [[position[i] for i in index] for index in kept]
             params, grads, states = _pick(chosen, params, grads, states)
@@ -434,21 +431,25 @@ class Optimizer(torch.optim.Optimizer):
         if before is not None:
             probe.after(self, group, params, states, before)
 
-    def _step_with_sums(self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor], states: list[dict],
-                        buckets: Iterable[list[int]], inv_scale: float | None, probe: Any) -> bool:
-        """op.telemetry on a group torch's fused kernel steps whole: ``fused_step_with_sums`` steps it and
-        sums in one pass (else the recorder copies the parameters and measures after the step)."""
-        if type(self).fused_step_with_sums is Optimizer.fused_step_with_sums:
-            return False
-        for index in buckets:
-            if not all(self._torch_fusable(group, [params[i] for i in index], [states[i] for i in index])):
-                return False
-        sums = torch.zeros(len(params), 4, dtype=torch.float64, device=params[0].device)
-        scale = self._torch_grad_scale(inv_scale, params)
-        if not self.fused_step_with_sums(group, params, grads, states, scale, sums):
-            return False
-        probe.add_sums(self, group, params, states, sums)
-        return True
+    def _step_with_sums(self, group: dict[str, Any], index: list[int], params: list[Tensor], grads: list[Tensor],
+                        states: list[dict], backend: str, inv_scale: float | None, probe: Any) -> list[int]:
+        """op.telemetry on one bucket (``index`` into ``params``): steps and sums in one pass what a kernel can
+        (parameters torch's fused kernel would step: ``fused_step_with_sums``, the C++ Adam/SGD kernels; the
+        rest of a compiled bucket: its C++ loop) and returns the others, for the recorder to measure around
+        an ordinary step (a copy of the parameters, norms after)."""
+        bucket = _pick(index, params, grads, states)
+        fusable = self._torch_fusable(group, bucket[0], bucket[2])
+        if any(fusable) and type(self).fused_step_with_sums is not Optimizer.fused_step_with_sums:
+            chosen = [k for k, f in enumerate(fusable) if f]
+            p, g, s = _pick(chosen, *bucket)
+            sums = torch.zeros(len(p), 4, dtype=torch.float64, device=p[0].device)
+            if self.fused_step_with_sums(group, p, g, s, self._torch_grad_scale(inv_scale, p), sums):
+                probe.add_sums(self, group, p, s, sums)
+                index = [i for i, f in zip(index, fusable) if not f]
+        if index and backend == "compiled" and self._compiled_step_with_sums(
+                group, *_pick(index, params, grads, states), inv_scale, probe):
+            return []
+        return index
 
     def _compiled_step_with_sums(self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor],
                                  states: list[dict], inv_scale: float | None, probe: Any) -> bool:
