@@ -237,6 +237,7 @@ class Telemetry:
         self._acc: list | None = None
         self._outside: list | None = None
         self._copies: dict[int, Tensor] = {}  # the parameters before a recorded step (CPU: reused)
+        self._moments: dict[tuple, str | None] = {}  # second_moment_name's answers
         self._bytes: tuple[tuple, int] = ((), 0)  # state_bytes and the state tensors it was counted for
         self._handles = [optimizer.register_step_pre_hook(self._pre), optimizer.register_step_post_hook(self._post)]
         optimizer.__dict__["_telemetry_recorder"] = self  # one recorder per optimizer
@@ -349,7 +350,14 @@ class Telemetry:
                              torch.stack([t.to(update_norms) for t in sums])], dim=1)
         self._keep(optimizer, group, params, states, stats, counts)
 
-    second_moment_name = staticmethod(_second_moment_name)
+    def second_moment_name(self, p: Tensor, state: Any) -> str | None:
+        """:func:`_second_moment_name`, looked up again only when the state dict is another one or has
+        other keys (a record asks for every parameter)."""
+        key = (id(p), id(state), len(state) if isinstance(state, Mapping) else -1)
+        name = self._moments.get(key, False)
+        if name is False or (name is not None and getattr(state.get(name), "shape", None) != p.shape):
+            name = self._moments[key] = _second_moment_name(p, state)
+        return name
 
     def add_sums(self, optimizer: Any, group: Mapping[str, Any], params: list[Tensor],
                  states: list[Mapping[str, Any]], sums: Tensor, moments: list[str | None] | None = None) -> None:
@@ -360,7 +368,7 @@ class Telemetry:
             return
         norms = sums[:, :3].clamp_min(0).sqrt()
         if moments is None:
-            moments = [_second_moment_name(p, s) for p, s in zip(params, states)]
+            moments = [self.second_moment_name(p, s) for p, s in zip(params, states)]
         counts = [0 if m is None else p.numel() for p, m in zip(params, moments)]
         self._keep(optimizer, group, params, states, torch.cat([norms, sums[:, 3:]], dim=1), counts)
 
