@@ -22,10 +22,21 @@ namespace optim_plugins_codec {
 template <int BITS>
 inline void decode(const uint8_t* __restrict__ codes, int64_t first, int64_t count, float scale,
                    const float* __restrict__ values, float* __restrict__ out) {
-  for (int64_t i = 0; i < count; ++i) {
-    const int64_t e = first + i;
-    const int code = BITS == 8 ? codes[e] : (codes[e / 2] >> (e % 2 ? 0 : 4)) & 0xF;
-    out[i] = values[code] * scale;
+  if constexpr (BITS == 8) {
+#pragma omp simd
+    for (int64_t i = 0; i < count; ++i) out[i] = values[codes[first + i]] * scale;
+  } else {  // byte by byte: an odd first element alone, then whole pairs, then an odd last one
+    int64_t i = 0;
+    if (count > 0 && first % 2) out[i++] = values[codes[first / 2] & 0xF] * scale;
+    const uint8_t* __restrict__ pairs = codes + (first + i) / 2;
+    const int64_t whole = (count - i) / 2;
+#pragma omp simd
+    for (int64_t k = 0; k < whole; ++k) {
+      out[i + 2 * k] = values[pairs[k] >> 4] * scale;
+      out[i + 2 * k + 1] = values[pairs[k] & 0xF] * scale;
+    }
+    i += 2 * whole;
+    if (i < count) out[i] = values[codes[(first + i) / 2] >> 4] * scale;
   }
 }
 
