@@ -16,8 +16,13 @@ contraction into FMAs except ``add``'s ``x + alpha * y``, one FMA as in ATen's v
 ``sqrt`` and ``/`` correctly rounded), NaN as torch treats it
 (``clamp_min``, ``clamp_max`` and ``maximum`` propagate it, ``sign(nan) == 0``), bfloat16 values
 computed in float and rounded once where stored (as Inductor does); numbers agree with the
-reference backend to fp32 rounding (bf16 rounding where states or parameters are bf16). Scalars are rounded to the work type once per step, as the
-compiled path does.
+reference backend to fp32 rounding (bf16 rounding where states or parameters are bf16). Scalars
+are rounded to the work type once per step, as the compiled path does.
+
+Two things besides the update can live in the same pass: a bf16 parameter's Kahan compensation
+(read with it, written after it) and 8/4-bit block-wise states (``Coded`` slots: decoded into a
+stack buffer before each block's update and coded after it by ``codec.h``, the coding
+quantize.cpp uses, so the bytes are those of the three separate passes).
 """
 from __future__ import annotations
 
@@ -210,10 +215,10 @@ def source(program: tuple, mutated: tuple, dtypes: Sequence[torch.dtype], n_scal
     the slots) is added to it when read and holds what rounding the new value into it lost when
     written: precision.working_copy and write_back, in the same pass.
 
-    ``coded``: float32 state slots kept block-wise in 8/4 bits: the loop runs block by block, decoding a block's codes into a
-    stack buffer, computing the program on it and coding the new values back (its absmax first), so
-    the states never exist in fp32 outside the cache. The bytes are those of decoding, stepping and
-    coding in three passes (quantize.cpp's formulas).
+    ``coded``: float32 state slots kept block-wise in 8/4 bits: the loop runs block by block,
+    decoding a block's codes into a stack buffer, computing the program on it and coding the new
+    values back (its absmax first), so the states never exist in fp32 outside the cache. The bytes
+    are those of decoding, stepping and coding in three passes (codec.h, which quantize.cpp uses too).
     """
     work = {_WORK_TYPES.get(dtype) for dtype in dtypes}
     if len(work) != 1 or None in work or (kahan and dtypes[0] != torch.bfloat16):
