@@ -74,7 +74,9 @@ void over_ranges(int64_t numel, double* out, const Range& range) {
   std::vector<Sums> partial(at::get_num_threads(), Sums{0, 0, 0, 0});
   at::parallel_for(0, (numel + unit - 1) / unit, 0, [&](int64_t begin, int64_t end) {
     begin *= unit;
-    range(begin, std::min(end * unit, numel) - begin, partial[at::get_thread_num()]);
+    Sums local{0, 0, 0, 0};  // on this thread's stack: the threads' rows of `partial` share cache lines
+    range(begin, std::min(end * unit, numel) - begin, local);
+    for (int k = 0; k < 4; ++k) partial[at::get_thread_num()][k] += local[k];
   });
   for (const Sums& s : partial)
     for (int k = 0; k < 4; ++k) out[k] += s[k];
