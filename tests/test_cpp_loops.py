@@ -324,7 +324,8 @@ def test_coded_sums_are_those_of_the_step_before_coding():
     torch.testing.assert_close(rows[0], torch.stack(want), rtol=1e-5, atol=1e-6)
 
 
-def _stepped(name, options, fused, monkeypatch, steps=4, sizes=((300, 70), (5000,), (64,), (129, 33), (4096,))):
+def _stepped(name, options, fused, monkeypatch, steps=4, sizes=((300, 70), (5000,), (64,), (129, 33), (4096,)),
+             dtype=torch.float32):
     """``steps`` compiled steps of ``name``; ``fused=False``: the coded states decoded before the loop and coded
     after it (the path every other backend takes), with the loop that codes inside it made unavailable."""
     from optim_plugins.optimizers.base import Optimizer
@@ -333,39 +334,44 @@ def _stepped(name, options, fused, monkeypatch, steps=4, sizes=((300, 70), (5000
         if not fused:
             patch.setattr(Optimizer, "_coded_loop_step", lambda *args: False)
         g = torch.Generator().manual_seed(0)
-        params = [torch.nn.Parameter(torch.randn(s, generator=g)) for s in sizes]
+        params = [torch.nn.Parameter(torch.randn(s, generator=g).to(dtype)) for s in sizes]
         optimizer = op.create_optimizer(name, params, lr=1e-2, backend="compiled", **options)
         for i in range(steps):
             for j, p in enumerate(params):
-                p.grad = torch.sin(p.detach() * (i + 2) + j)
+                p.grad = torch.sin(p.detach().float() * (i + 2) + j).to(dtype)
             optimizer.step()
     return params, optimizer
 
 
-@pytest.mark.parametrize("name,options", [("adamw8bit", {}), ("adam8bit", {"min_8bit_size": 0, "maximize": True}),
-                                          ("lion8bit", {"weight_decay": 0.1}),
-                                          ("adamw4bit", {"second_moment_scale": "block"}), ("adamw4bit", {})])
-def test_lowbit_optimizers_code_their_states_inside_the_loop_bit_for_bit(name, options, monkeypatch):
+@pytest.mark.parametrize("name,options,dtype", [
+    ("adamw8bit", {}, torch.float32), ("adam8bit", {"min_8bit_size": 0, "maximize": True}, torch.float32),
+    ("lion8bit", {"weight_decay": 0.1}, torch.float32), ("adamw4bit", {"second_moment_scale": "block"}, torch.float32),
+    ("adamw4bit", {}, torch.float32),
+    # bf16 parameters: read as float beside the fp32 math of the coded states, with their Kahan compensation
+    ("adamw8bit", {}, torch.bfloat16), ("lion8bit", {"compensation": None}, torch.bfloat16),
+    ("adamw4bit", {"second_moment_scale": "block"}, torch.bfloat16)])
+def test_lowbit_optimizers_code_their_states_inside_the_loop_bit_for_bit(name, options, dtype, monkeypatch):
     """8-bit and block-wise 4-bit states on the compiled backend are decoded, stepped and coded by one loop
-    call per bucket: parameters and every state tensor equal the decode / step / code path bit for bit
-    (tensors below min_8bit_size, with fp32 states, go to a loop of their own; the rank-1 4-bit second
-    moment, whose scale spans the whole tensor, keeps the three passes)."""
+    call per bucket: parameters and every state tensor (a bf16 parameter's compensation too) equal the
+    decode / step / code path bit for bit (tensors below min_8bit_size, with fp32 states, go to a loop of
+    their own; the rank-1 4-bit second moment, whose scale spans the whole tensor, keeps the three passes)."""
     from optim_plugins.optimizers import codecs
 
     decoded = []
     for cls in (codecs.Blockwise8bit, codecs.Blockwise4bit):
         monkeypatch.setattr(cls, "decode", lambda self, *a, original=cls.decode: decoded.append(self) or original(self, *a))
-    ours, fused = _stepped(name, options, True, monkeypatch)
+    ours, fused = _stepped(name, options, True, monkeypatch, dtype=dtype)
     rank1 = name == "adamw4bit" and not options
     # no state was decoded outside the loop (rank-1: only the first moments of 2-D tensors)
     assert all(rank1 and len(codec.shape) == 2 for codec in decoded) and (decoded or not rank1)
-    theirs, reference = _stepped(name, options, False, monkeypatch)
+    theirs, reference = _stepped(name, options, False, monkeypatch, dtype=dtype)
     assert decoded
     for a, b in zip(ours, theirs):
         assert torch.equal(a, b)
     for p, q in zip(ours, theirs):
         mine, other = fused.state[p], reference.state[q]
-        assert mine.keys() == other.keys()
+        assert mine.keys() == other.keys() and ("compensation" in mine) == (dtype == torch.bfloat16
+                                                                            and "compensation" not in options)
         for key in mine:
             assert torch.equal(mine[key], other[key]), key
 

@@ -162,18 +162,20 @@ def test_state_bytes_follow_new_and_replaced_states():
     recorder.remove()
 
 
+@pytest.mark.parametrize("name,options", [("adamw", {}), ("adamw8bit", {"min_8bit_size": 0})])
 @pytest.mark.parametrize("backend", ["foreach", "compiled"])
-def test_kahan_compensated_bf16_parameters_measure_the_working_value(backend, monkeypatch):
-    """bf16 parameters with Kahan compensation: the update and weight norms are those of p + compensation
-    (the value the optimizer steps), before and after, in the foreach backend (measured around the step)
-    and in the compiled backend, whose C++ loop reads and writes the compensation and sums in that pass."""
+def test_kahan_compensated_bf16_parameters_measure_the_working_value(backend, name, options, monkeypatch):
+    """bf16 parameters with Kahan compensation (and 8-bit states): the update and weight norms are those of
+    p + compensation (the value the optimizer steps), before and after, in the foreach backend (measured
+    around the step) and in the compiled backend, whose C++ loop reads and writes the compensation (and
+    codes the states) and sums in that pass."""
     summed = []
     original = compiled.run_with_sums
     monkeypatch.setattr(compiled, "run_with_sums",
                         lambda *args, **kwargs: summed.append(original(*args, **kwargs)) or summed[-1])
     g = torch.Generator().manual_seed(0)
     params = [nn.Parameter(torch.randn(n, generator=g).bfloat16()) for n in (300, 7)]
-    optimizer = op.create_optimizer("adamw", params, lr=1e-2, backend=backend)
+    optimizer = op.create_optimizer(name, params, lr=1e-2, backend=backend, **options)
     recorder = telemetry(optimizer, by="param")
     for step in range(3):
         value = lambda p: p.detach().double() + optimizer.state[p]["compensation"].double() if optimizer.state[p] \

@@ -57,8 +57,8 @@ Limits (the bucket then runs on the ``foreach`` path, same numbers): updates tha
 values (``.item()`` of a bucket, iteration over tensors: per-tensor norms such as AdaNorm),
 operations outside the table below, complex tensors in a 0-d state. Kahan compensation of
 bf16 parameters is read and written inside the C++ loop (``run(..., compensations=)``);
-block-wise 8/4-bit states (``run(..., coded=)``: the codecs' ``loop_form``) are decoded and coded
-inside it too, block by block, so they never exist in fp32 outside the cache (the bytes of
+block-wise 8/4-bit states (``run(..., coded=)``: the codecs' ``loop_form``; fp32 or bf16 parameters)
+are decoded and coded inside it too, block by block, so they never exist in fp32 outside the cache (the bytes of
 decoding, stepping and coding in turn); stochastic rounding, ``state_dtype`` and other codecs
 (rank-1 4-bit second moments, whose scale spans the tensor) stay passes around the compiled
 update (correct, but they cost their extra reads and writes). Results equal the

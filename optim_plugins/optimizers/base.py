@@ -575,16 +575,18 @@ class Optimizer(torch.optim.Optimizer):
         dtype = params[0].dtype
         mode = resolve_compensation(group["compensation"], dtype)
         codecs = [self._codecs(p, group, s) for p, s in zip(params, states)]
-        # 8/4-bit states coded inside the compiled C++ loop: no fp32 copy of them, one pass
-        coded_loop = (compile and not per_tensor and any(codecs) and dtype == torch.float32 and mode is None
-                      and self.state_dtype(params[0], group) == dtype
+        # 8/4-bit states coded inside the compiled C++ loop: no fp32 copy of them, one pass; fp32 parameters,
+        # or bf16 ones (read as float, with their Kahan compensation where they keep one) beside fp32 math
+        coded_loop = (compile and not per_tensor and any(codecs) and self.state_dtype(params[0], group) == torch.float32
+                      and (dtype == torch.float32 and mode is None
+                           or dtype == torch.bfloat16 and mode in (None, "kahan"))
                       and all(c.keys() == codecs[0].keys() and all(codec.loop_form() for codec in c.values())
                               for c in codecs))
         # Kahan on bf16 parameters folded into the compiled C++ loop (p + compensation read, both written)
         folded = (compile and not per_tensor and mode == "kahan" and self.state_dtype(params[0], group) == dtype
                   and compiled_kernels.loops_cover({dtype}) and not any(codecs))
-        if with_sums and (any(fusable) or (mode is not None and not folded)
-                          or self.state_dtype(params[0], group) != dtype or (any(codecs) and not coded_loop)):
+        if with_sums and (any(fusable) or (any(codecs) and not coded_loop) or not coded_loop and (
+                (mode is not None and not folded) or self.state_dtype(params[0], group) != dtype)):
             return None
         if coded_loop:
             done = self._coded_loop_step(group, params, grads, states, codecs, inv_scale, with_sums)
@@ -642,10 +644,11 @@ class Optimizer(torch.optim.Optimizer):
     def _coded_loop_step(self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor], states: list[dict],
                          codecs: list[dict[str, StateCodec]], inv_scale: float | None, with_sums: bool
                          ) -> bool | tuple[Tensor, list[str]]:
-        """A bucket of float32 parameters whose coded states all have a ``loop_form``, stepped by the
-        compiled C++ loop that decodes, steps and codes them block by block (the bytes of decoding,
-        stepping and coding in turn). True (or the sums' rows and state names), or False with
-        nothing changed where the loop cannot."""
+        """A bucket of float32 (or bfloat16, math in float) parameters whose coded states all have a
+        ``loop_form``, stepped by the compiled C++ loop that decodes, steps and codes them block by block
+        (the bytes of decoding, stepping and coding in turn; a bf16 parameter's Kahan compensation read and
+        written in the same pass). True (or the sums' rows and state names), or False with nothing
+        changed where the loop cannot."""
         hidden = _hidden(codecs[0])
         views = [{k: v for k, v in s.items() if k not in hidden} for s in states]
         p, g, _, arrays, others = _bucket(params, grads, views)
@@ -655,10 +658,12 @@ class Optimizer(torch.optim.Optimizer):
                  for name, codec in codecs[0].items()}
         arguments = (self._bound_update(group, states[0]["step"].item()), p.tensors, g.tensors, arrays, others,
                      self._prologue(group, inv_scale))
+        kahan = resolve_compensation(group["compensation"], params[0].dtype) == "kahan"
+        compensations = [s["compensation"] for s in states] if kahan else None
         if with_sums:
-            rows = compiled_kernels.run_with_sums(*arguments, coded=coded)
+            rows = compiled_kernels.run_with_sums(*arguments, coded=coded, compensations=compensations)
             return False if rows is None else (rows, list(arrays))
-        return compiled_kernels.run(*arguments, coded=coded)
+        return compiled_kernels.run(*arguments, compensations=compensations, coded=coded)
 
     def _bound_update(self, group: Mapping[str, Any], step: float) -> Callable[[Any, Any, Any], None]:
         return lambda p, g, state: self.update(p, g, state, group, step)

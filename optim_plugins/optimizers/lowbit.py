@@ -8,7 +8,7 @@ runs the update, and re-quantises; on the compiled backend (``auto`` on CPU from
 elements) one C++ loop does the three block by block, in the cache (kernels/cpp/loops.py). Tensors with fewer than ``min_8bit_size`` elements keep
 fp32 states, as bitsandbytes does. The parameters themselves are the fp32 master weights
 (fp32 parameters are updated in place; bf16 ones through the machinery's fp32 working copy
-and compensation).
+and compensation, which the compiled backend's loop reads and writes itself).
 
 ``Adam4bit`` / ``AdamW4bit`` keep Adam's moments in 4 bits as Li et al. propose ("Memory
 Efficient Optimizers with 4-bit States", NeurIPS 2023; their code lpmm): the first moment

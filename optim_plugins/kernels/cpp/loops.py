@@ -211,8 +211,8 @@ def source(program: tuple, mutated: tuple, dtypes: Sequence[torch.dtype], n_scal
     (rounding each intermediate doubled the step time of a bf16 AdamW), so this agrees with the
     reference backend to bfloat16 rounding.
 
-    ``kahan``: slot 0 is a bfloat16 parameter whose Kahan compensation (bfloat16, the pointer after
-    the slots) is added to it when read and holds what rounding the new value into it lost when
+    ``kahan``: slot 0 is a bfloat16 parameter whose Kahan compensation (bfloat16, the last pointer of
+    a tensor) is added to it when read and holds what rounding the new value into it lost when
     written: precision.working_copy and write_back, in the same pass.
 
     ``coded``: float32 state slots kept block-wise in 8/4 bits: the loop runs block by block,
@@ -226,7 +226,7 @@ def source(program: tuple, mutated: tuple, dtypes: Sequence[torch.dtype], n_scal
     ctype = work.pop()
     block = 1024  # the run of float sums in step_sums; with coded slots, their block
     if coded:
-        if (kahan or len({c.block_size for c in coded}) != 1
+        if (len({c.block_size for c in coded}) != 1
                 or any(c.slot < 2 or dtypes[c.slot] != torch.float32 or c.bits not in (4, 8) for c in coded)):
             return None
         block = coded[0].block_size
@@ -237,7 +237,7 @@ def source(program: tuple, mutated: tuple, dtypes: Sequence[torch.dtype], n_scal
     body = [f"        const T s{slot} = " + (f"decoded{slot}[d - block];" if slot in by_slot else
                                               f"{_LOAD[dtype].format(f'p{slot}[d]')};")
             for slot, dtype in enumerate(dtypes)]
-    compensation = len(dtypes)  # its pointer's index (kahan)
+    compensation = len(dtypes) + len(coded)  # its pointer's index (kahan): after the coded slots' absmax
     if kahan:
         body[0] = f"        const T s0 = bf16_load(p0[d]) + bf16_load(p{compensation}[d]);"
     for index, (op, dst, *args) in enumerate(program):
