@@ -585,8 +585,8 @@ class Optimizer(torch.optim.Optimizer):
         # Kahan on bf16 parameters folded into the compiled C++ loop (p + compensation read, both written)
         folded = (compile and not per_tensor and mode == "kahan" and self.state_dtype(params[0], group) == dtype
                   and compiled_kernels.loops_cover({dtype}) and not any(codecs))
-        if with_sums and (any(fusable) or (any(codecs) and not coded_loop) or not coded_loop and (
-                (mode is not None and not folded) or self.state_dtype(params[0], group) != dtype)):
+        in_place = mode is None and self.state_dtype(params[0], group) == dtype  # no working copy to write back
+        if with_sums and (any(fusable) or not (coded_loop or (not any(codecs) and (in_place or folded)))):
             return None
         if coded_loop:
             done = self._coded_loop_step(group, params, grads, states, codecs, inv_scale, with_sums)
