@@ -484,9 +484,11 @@ def _record(update: Callable[..., None], p: list[Tensor], g: list[Tensor], array
         for name, original in saved.items():
             original.copy_(state[name])
 
-    from .cpp.loops import Coded
+    codings: tuple = ()
+    if sides:
+        from .cpp.loops import Coded
 
-    codings = tuple(Coded(2 + names.index(n), *coded[n][0]) for n in sides)
+        codings = tuple(Coded(2 + names.index(n), *coded[n][0]) for n in sides)
     return _Recorded(program, mutated, inputs, tuple(tape.dtypes[:2 + len(names)]), codings, tape.scalars,
                      scalar_dtype, commit)
 

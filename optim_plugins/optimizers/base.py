@@ -575,21 +575,22 @@ class Optimizer(torch.optim.Optimizer):
         dtype = params[0].dtype
         mode = resolve_compensation(group["compensation"], dtype)
         codecs = [self._codecs(p, group, s) for p, s in zip(params, states)]
+        state_dtype = self.state_dtype(params[0], group)
         # 8/4-bit states coded inside the compiled C++ loop: no fp32 copy of them, one pass; fp32 parameters,
         # or bf16 ones (read as float, with their Kahan compensation where they keep one) beside fp32 math
-        coded_loop = (compile and not per_tensor and any(codecs) and self.state_dtype(params[0], group) == torch.float32
+        coded_loop = (compile and not per_tensor and any(codecs) and state_dtype == torch.float32
                       and (dtype == torch.float32 and mode is None
                            or dtype == torch.bfloat16 and mode in (None, "kahan"))
                       and all(c.keys() == codecs[0].keys() and all(codec.loop_form() for codec in c.values())
                               for c in codecs))
         # Kahan on bf16 parameters folded into the compiled C++ loop (p + compensation read, both written)
-        folded = (compile and not per_tensor and mode == "kahan" and self.state_dtype(params[0], group) == dtype
+        folded = (compile and not per_tensor and mode == "kahan" and state_dtype == dtype
                   and compiled_kernels.loops_cover({dtype}) and not any(codecs))
-        in_place = mode is None and self.state_dtype(params[0], group) == dtype  # no working copy to write back
+        in_place = mode is None and state_dtype == dtype  # no working copy to write back
         if with_sums and (any(fusable) or not (coded_loop or (not any(codecs) and (in_place or folded)))):
             return None
         if coded_loop:
-            done = self._coded_loop_step(group, params, grads, states, codecs, inv_scale, with_sums)
+            done = self._coded_loop_step(group, params, grads, states, codecs, inv_scale, with_sums, mode == "kahan")
             if with_sums:
                 return done or None
             if done:
@@ -610,9 +611,9 @@ class Optimizer(torch.optim.Optimizer):
                 self._apply(group, *_pick(index, params, grads, states), per_tensor, compile, inv_scale)
             return
         step = states[0]["step"].item()
-        upcast = not folded and (mode is not None or self.state_dtype(params[0], group) != dtype)
+        upcast = not (folded or in_place)
         work = [working_copy(p, s.get("compensation")) for p, s in zip(params, states)] if upcast else params
-        if upcast and self.state_dtype(params[0], group) != dtype:
+        if state_dtype != dtype:
             grads = [g.float() for g in grads]
         views = [_decoded(s, c, w.dtype) for s, c, w in zip(states, codecs, work)]
         if per_tensor:
@@ -642,13 +643,13 @@ class Optimizer(torch.optim.Optimizer):
                 write_back(param, w, mode, s.get("compensation"))
 
     def _coded_loop_step(self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor], states: list[dict],
-                         codecs: list[dict[str, StateCodec]], inv_scale: float | None, with_sums: bool
-                         ) -> bool | tuple[Tensor, list[str]]:
+                         codecs: list[dict[str, StateCodec]], inv_scale: float | None, with_sums: bool,
+                         kahan: bool) -> bool | tuple[Tensor, list[str]]:
         """A bucket of float32 (or bfloat16, math in float) parameters whose coded states all have a
         ``loop_form``, stepped by the compiled C++ loop that decodes, steps and codes them block by block
         (the bytes of decoding, stepping and coding in turn; a bf16 parameter's Kahan compensation read and
         written in the same pass). True (or the sums' rows and state names), or False with nothing
-        changed where the loop cannot."""
+        changed where the loop cannot. ``kahan``: the parameters keep a Kahan compensation."""
         hidden = _hidden(codecs[0])
         views = [{k: v for k, v in s.items() if k not in hidden} for s in states]
         p, g, _, arrays, others = _bucket(params, grads, views)
@@ -658,7 +659,6 @@ class Optimizer(torch.optim.Optimizer):
                  for name, codec in codecs[0].items()}
         arguments = (self._bound_update(group, states[0]["step"].item()), p.tensors, g.tensors, arrays, others,
                      self._prologue(group, inv_scale))
-        kahan = resolve_compensation(group["compensation"], params[0].dtype) == "kahan"
         compensations = [s["compensation"] for s in states] if kahan else None
         if with_sums:
             rows = compiled_kernels.run_with_sums(*arguments, coded=coded, compensations=compensations)
