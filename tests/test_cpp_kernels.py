@@ -256,6 +256,33 @@ def test_4bit_rank1_codec_gives_the_bytes_of_the_eager_code(shape, nan, monkeypa
                                rtol=0, atol=0, equal_nan=True)
 
 
+def test_4bit_rank1_codes_by_arithmetic_are_the_nearest_linear_codes():
+    """The 2-D rank-1 codec finds the nearest code of the linear map (k / 16) by arithmetic, not by table:
+    with every row and column holding a 1.0 the scale is 1 everywhere, so each value's code must be
+    torch.bucketize's on the map's midpoints (ties to the lower code): every midpoint and the floats
+    either side of it, 0 and -0, subnormal and tiny values, negatives, inf, and a million uniform ones."""
+    code = quantize.linear_map(4)
+    midpoints = (code[1:] + code[:-1]) / 2
+    up, down = torch.full_like(midpoints, 2.0), torch.zeros_like(midpoints)
+    special = torch.tensor([0.0, -0.0, 1e-45, 1e-38, 1e-7, 1.0, 0.9999999, -0.25, -1e-30, float("inf"),
+                            float("-inf")])
+    values = torch.cat([midpoints, torch.nextafter(midpoints, up), torch.nextafter(midpoints, down), code, special,
+                        torch.rand(1_000_000, generator=torch.Generator().manual_seed(0))])
+    cols = 1001
+    x = torch.ones(len(values) // (cols - 1) + 2, cols)
+    inner = x[1:, 1:].reshape(-1)  # a copy: row 0 and column 0 stay 1.0
+    inner[: len(values)] = values
+    x[1:, 1:] = inner.view(x.shape[0] - 1, cols - 1)
+    packed = torch.empty(quantize.num_bytes_4bit(x.numel()), dtype=torch.uint8)
+    maxima = torch.empty(sum(x.shape))
+    assert cpp_kernels.quantize_4bit_rank1_2d_(x, packed, maxima)
+    assert torch.equal(maxima, quantize.rank1_maxima(x))
+    codes = quantize.unpack_4bit(packed, x.numel()).view(x.shape)
+    # +-inf: its row and column maxima are inf, so it is divided by inf (NaN: the last code)
+    expected = torch.bucketize(x, midpoints).where(torch.isfinite(x), torch.tensor(15))
+    assert torch.equal(codes, expected)
+
+
 @pytest.mark.parametrize("name,options", [("adamw8bit", {"min_8bit_size": 1}), ("adamw4bit", {"min_4bit_size": 1})])
 def test_low_bit_optimizers_step_the_same_with_and_without_the_codec(name, options, monkeypatch):
     plain, native_optimizer, _ = train(name, False, steps=3, **options)  # every state coded

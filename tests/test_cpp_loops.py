@@ -349,21 +349,23 @@ def _stepped(name, options, fused, monkeypatch, steps=4, sizes=((300, 70), (5000
     ("adamw4bit", {}, torch.float32),
     # bf16 parameters: read as float beside the fp32 math of the coded states, with their Kahan compensation
     ("adamw8bit", {}, torch.bfloat16), ("lion8bit", {"compensation": None}, torch.bfloat16),
-    ("adamw4bit", {"second_moment_scale": "block"}, torch.bfloat16)])
+    ("adamw4bit", {"second_moment_scale": "block"}, torch.bfloat16), ("adamw4bit", {}, torch.bfloat16)])
 def test_lowbit_optimizers_code_their_states_inside_the_loop_bit_for_bit(name, options, dtype, monkeypatch):
     """8-bit and block-wise 4-bit states on the compiled backend are decoded, stepped and coded by one loop
     call per bucket: parameters and every state tensor (a bf16 parameter's compensation too) equal the
     decode / step / code path bit for bit (tensors below min_8bit_size, with fp32 states, go to a loop of
-    their own; the rank-1 4-bit second moment, whose scale spans the whole tensor, keeps the three passes)."""
+    their own; the rank-1 4-bit second moment, whose scale spans the whole tensor, is decoded before the loop
+    and coded after it, beside the first moment coded inside)."""
     from optim_plugins.optimizers import codecs
 
     decoded = []
-    for cls in (codecs.Blockwise8bit, codecs.Blockwise4bit):
+    for cls in (codecs.Blockwise8bit, codecs.Blockwise4bit, codecs.Rank1Linear4bit):
         monkeypatch.setattr(cls, "decode", lambda self, *a, original=cls.decode: decoded.append(self) or original(self, *a))
     ours, fused = _stepped(name, options, True, monkeypatch, dtype=dtype)
-    rank1 = name == "adamw4bit" and not options
-    # no state was decoded outside the loop (rank-1: only the first moments of 2-D tensors)
-    assert all(rank1 and len(codec.shape) == 2 for codec in decoded) and (decoded or not rank1)
+    rank1 = name == "adamw4bit" and "second_moment_scale" not in options
+    # no state was decoded outside the loop but the rank-1 second moments of the 2-D tensors, each step
+    assert all(isinstance(codec, codecs.Rank1Linear4bit) for codec in decoded)
+    assert len(decoded) == (4 * 2 if rank1 else 0)
     theirs, reference = _stepped(name, options, False, monkeypatch, dtype=dtype)
     assert decoded
     for a, b in zip(ours, theirs):

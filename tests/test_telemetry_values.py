@@ -35,10 +35,12 @@ CASES = {
     "adafactor": {},
     "came": {"lr": 1e-3},
     "adam8bit": {"lr": 1e-2},
+    "adamw4bit": {"lr": 1e-2},  # the 2-D weight's second moment rank-1 4-bit: decoded around the compiled loop
 }
-# which parameters have a raw fp32 second moment shaped like them: 8-bit states from 4096 elements
-# (bitsandbytes' min_8bit_size), factored row/column moments for 2-D tensors, none for Lion
+# which parameters have a raw fp32 second moment shaped like them: 8/4-bit states from 4096 elements
+# (min_8bit_size, min_4bit_size), factored row/column moments for 2-D tensors, none for Lion
 SECOND_MOMENT = {"adamw": lambda p: True, "lion": lambda p: False, "adam8bit": lambda p: p.numel() < 4096,
+                 "adamw4bit": lambda p: p.numel() < 4096,
                  "adafactor": lambda p: p.dim() < 2, "came": lambda p: p.dim() < 2}
 
 
@@ -77,12 +79,12 @@ def test_numbers_equal_recomputation(name, backend):
                     assert got["second_moment"] == pytest.approx(math.sqrt(float(v.double().mean())), rel=1e-5)
                 else:
                     assert "second_moment" not in got
-        if name == "adam8bit":  # the 4096-element weight's states are 8-bit codes (left out above)
+        if name in ("adam8bit", "adamw4bit"):  # the 4096-element weight's states are 8/4-bit codes (left out above)
             assert optimizer.state[model[2].weight]["exp_avg_sq"].dtype == torch.uint8
         if name in ("adafactor", "came"):
             assert "exp_avg_sq_row" in optimizer.state[model[2].weight]
     assert record["state_bytes"] == op.state_bytes(optimizer)
-    if backend == "compiled" and name in ("adamw", "lion", "adam8bit") and compiled.unavailable_reason() is None:
+    if backend == "compiled" and name in ("adamw", "lion", "adam8bit", "adamw4bit") and compiled.unavailable_reason() is None:
         assert recorder._copies == {}  # summed inside the loop's pass: no parameter copy was taken
     recorder.remove()
 

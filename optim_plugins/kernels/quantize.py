@@ -286,6 +286,8 @@ def rank1_scale(maxima: Tensor, shape: torch.Size) -> Tensor:
 def quantize_4bit_rank1_(x: Tensor, packed: Tensor, maxima: Tensor) -> None:
     """Store non-negative ``x`` (2-D or more) into ``packed`` with the linear map, scaled rank-1;
     ``maxima`` (fp32, ``sum(x.shape)``) receives :func:`rank1_maxima`. In place."""
+    if x.dim() == 2 and cpp_kernels.quantize_4bit_rank1_2d_(x, packed, maxima):
+        return
     maxima.copy_(rank1_maxima(x))
     scaled = x.float() / rank1_scale(maxima, x.shape).clamp_min(torch.finfo(torch.float32).tiny)
     if x.device.type == "cpu" and cpp_kernels.quantize_blockwise_(scaled, packed, None, nearest_code_table("linear4"),
@@ -297,6 +299,10 @@ def quantize_4bit_rank1_(x: Tensor, packed: Tensor, maxima: Tensor) -> None:
 def dequantize_4bit_rank1(packed: Tensor, maxima: Tensor, shape: torch.Size) -> Tensor:
     """The fp32 tensor of ``shape`` that ``packed`` and the rank-1 ``maxima`` stand for."""
     code = _search("linear4", packed.device)[0]
+    if len(shape) == 2 and packed.device.type == "cpu":
+        values = torch.empty(shape, dtype=torch.float32)
+        if cpp_kernels.dequantize_4bit_rank1_2d(packed, maxima, code, values):
+            return values
     if packed.device.type == "cpu":
         values = torch.empty(shape, dtype=torch.float32)
         if cpp_kernels.dequantize_blockwise(packed, None, code, values, BLOCK_SIZE_4BIT, bits=4):

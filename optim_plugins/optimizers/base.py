@@ -409,7 +409,10 @@ class Optimizer(torch.optim.Optimizer):
                 scalars = (state["step"].item(), *(state[k].item() for k in scalar_names if k in state))
                 forms = tuple((k, c.loop_form()) for k, c in self._codecs(p, group, state).items()) if coded else ()
                 keyed[(p.device, p.dtype, p.is_complex(), scalars, forms)].append(i)
-            buckets = keyed.values()
+            # states the loop cannot code (rank-1 4-bit) are decoded around it: a few tensors at a time
+            buckets = [[index[k] for k in chunk] for forms, index in ((key[-1], index) for key, index in keyed.items())
+                       for chunk in (_chunks([params[i].numel() for i in index], DECODED_CHUNK)
+                                     if any(form is None for _, form in forms) else [range(len(index))])]
         probe = self.__dict__.get("_telemetry")  # op.telemetry: set only on its recording steps
         inv_scale = self.__dict__.get("_inv_scale")
         if backend == "triton":
@@ -576,13 +579,15 @@ class Optimizer(torch.optim.Optimizer):
         mode = resolve_compensation(group["compensation"], dtype)
         codecs = [self._codecs(p, group, s) for p, s in zip(params, states)]
         state_dtype = self.state_dtype(params[0], group)
-        # 8/4-bit states coded inside the compiled C++ loop: no fp32 copy of them, one pass; fp32 parameters,
-        # or bf16 ones (read as float, with their Kahan compensation where they keep one) beside fp32 math
-        coded_loop = (compile and not per_tensor and any(codecs) and state_dtype == torch.float32
+        # 8/4-bit states coded inside the compiled C++ loop: no fp32 copy of them, one pass (the formats
+        # it cannot code, rank-1 4-bit, decoded before and coded after); fp32 parameters, or bf16 ones
+        # (read as float, with their Kahan compensation where they keep one) beside fp32 math
+        looped = [bool(codec.loop_form()) for codec in codecs[0].values()]
+        coded_loop = (compile and not per_tensor and any(looped) and state_dtype == torch.float32
                       and (dtype == torch.float32 and mode is None
                            or dtype == torch.bfloat16 and mode in (None, "kahan"))
-                      and all(c.keys() == codecs[0].keys() and all(codec.loop_form() for codec in c.values())
-                              for c in codecs))
+                      and all(c.keys() == codecs[0].keys()
+                              and [bool(codec.loop_form()) for codec in c.values()] == looped for c in codecs))
         # Kahan on bf16 parameters folded into the compiled C++ loop (p + compensation read, both written)
         folded = (compile and not per_tensor and mode == "kahan" and state_dtype == dtype
                   and compiled_kernels.loops_cover({dtype}) and not any(codecs))
@@ -645,25 +650,34 @@ class Optimizer(torch.optim.Optimizer):
     def _coded_loop_step(self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor], states: list[dict],
                          codecs: list[dict[str, StateCodec]], inv_scale: float | None, with_sums: bool,
                          kahan: bool) -> bool | tuple[Tensor, list[str]]:
-        """A bucket of float32 (or bfloat16, math in float) parameters whose coded states all have a
-        ``loop_form``, stepped by the compiled C++ loop that decodes, steps and codes them block by block
-        (the bytes of decoding, stepping and coding in turn; a bf16 parameter's Kahan compensation read and
-        written in the same pass). True (or the sums' rows and state names), or False with nothing
-        changed where the loop cannot. ``kahan``: the parameters keep a Kahan compensation."""
+        """A bucket of float32 (or bfloat16, math in float) parameters with coded states, stepped by the
+        compiled C++ loop that decodes, steps and codes those with a ``loop_form`` block by block (the bytes
+        of decoding, stepping and coding in turn; a bf16 parameter's Kahan compensation read and written in
+        the same pass); the others are decoded to float32 before it and coded after. True (or the sums'
+        rows and state names), or False with nothing changed where the loop cannot. ``kahan``: the
+        parameters keep a Kahan compensation."""
         hidden = _hidden(codecs[0])
-        views = [{k: v for k, v in s.items() if k not in hidden} for s in states]
+        around = [name for name, codec in codecs[0].items() if not codec.loop_form()]
+        views = [{k: c[k].decode(k, s, torch.float32) if k in around else v for k, v in s.items() if k not in hidden}
+                 for s, c in zip(states, codecs)]
         p, g, _, arrays, others = _bucket(params, grads, views)
         if not set(codecs[0]) <= set(arrays):
             return False
         coded = {name: (codec.loop_form(), [s[codec.keys(name)[1]] for s in states])
-                 for name, codec in codecs[0].items()}
+                 for name, codec in codecs[0].items() if name not in around}
         arguments = (self._bound_update(group, states[0]["step"].item()), p.tensors, g.tensors, arrays, others,
                      self._prologue(group, inv_scale))
         compensations = [s["compensation"] for s in states] if kahan else None
         if with_sums:
             rows = compiled_kernels.run_with_sums(*arguments, coded=coded, compensations=compensations)
-            return False if rows is None else (rows, list(arrays))
-        return compiled_kernels.run(*arguments, compensations=compensations, coded=coded)
+            done = False if rows is None else (rows, list(arrays))
+        else:
+            done = compiled_kernels.run(*arguments, compensations=compensations, coded=coded)
+        if done:
+            for view, state, c in zip(views, states, codecs):
+                for name in around:
+                    c[name].encode(name, view[name], state)
+        return done
 
     def _bound_update(self, group: Mapping[str, Any], step: float) -> Callable[[Any, Any, Any], None]:
         return lambda p, g, state: self.update(p, g, state, group, step)

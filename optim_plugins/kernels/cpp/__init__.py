@@ -67,7 +67,8 @@ def unavailable_reason() -> str | None:
 def _flags() -> list[str]:
     from torch.utils.cpp_extension import include_paths
 
-    return ["-fPIC", "-std=c++20", "-O2", "-fopenmp", *CAPABILITY_FLAGS[torch.backends.cpu.get_cpu_capability()],
+    # -fno-trapping-math lets GCC vectorize float selects and conversions (FP traps are never looked at)
+    return ["-fPIC", "-std=c++20", "-O2", "-fopenmp", "-fno-trapping-math", *CAPABILITY_FLAGS[torch.backends.cpu.get_cpu_capability()],
             *(flag for path in include_paths() for flag in ("-isystem", path))]
 
 
@@ -211,6 +212,27 @@ def dequantize_blockwise(codes: Tensor, absmax: Tensor | None, code: Tensor, out
         return False
     torch.ops.optim_plugins.dequantize_blockwise(codes, absmax if absmax is not None else _NONE, code, out,
                                                  absmax is not None, block_size, bits)
+    return True
+
+
+def quantize_4bit_rank1_2d_(x: Tensor, packed: Tensor, maxima: Tensor) -> bool:
+    """:func:`optim_plugins.kernels.quantize.quantize_4bit_rank1_` of a 2-D contiguous CPU float32 ``x``
+    in two passes (maxima, then codes: the linear map's nearest code by arithmetic, no table). False,
+    with nothing written, where it cannot run."""
+    if not (x.device.type == "cpu" and x.dtype == torch.float32 and x.dim() == 2 and x.is_contiguous()
+            and packed.is_contiguous() and maxima.is_contiguous()) or not ready():
+        return False
+    torch.ops.optim_plugins.quantize_4bit_rank1_2d(x, packed, maxima)
+    return True
+
+
+def dequantize_4bit_rank1_2d(packed: Tensor, maxima: Tensor, code: Tensor, out: Tensor) -> bool:
+    """``out`` (2-D, contiguous CPU float32) = ``code[packed]`` times the rank-1 scale of ``maxima``, in one
+    pass; False where it cannot run."""
+    if not (packed.device.type == "cpu" and packed.is_contiguous() and maxima.is_contiguous() and out.dim() == 2
+            and out.is_contiguous() and out.dtype == torch.float32 and code.device.type == "cpu") or not ready():
+        return False
+    torch.ops.optim_plugins.dequantize_4bit_rank1_2d(packed, maxima, code, out)
     return True
 
 

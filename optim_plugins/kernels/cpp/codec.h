@@ -59,9 +59,7 @@ inline float divisor(float peak) {
   return peak != peak ? peak : (peak < tiny ? tiny : peak);
 }
 
-// x[i] / by coded into the codes of elements first .. first + count (first even for 4 bits; an odd
-// count's last byte pairs its code with 0); POSITIVE_NOT_ZERO: a positive value never codes to 0
-// The code of scaled = x / by (kLast: the largest code)
+// The code of scaled = x / by (kLast: the largest code); POSITIVE_NOT_ZERO: a positive value never codes to 0
 template <int BITS, bool POSITIVE_NOT_ZERO>
 inline uint8_t nearest_code(float x, float by, const int32_t* __restrict__ table) {
   constexpr int32_t kLast = (1 << BITS) - 1;
@@ -76,25 +74,46 @@ inline uint8_t nearest_code(float x, float by, const int32_t* __restrict__ table
   return static_cast<uint8_t>(k);
 }
 
-// x[i] / by coded into the codes of elements first .. first + count (first even for 4 bits; an odd
-// count's last byte pairs its code with 0); POSITIVE_NOT_ZERO: a positive value never codes to 0
-template <int BITS, bool POSITIVE_NOT_ZERO>
-inline void code(const float* __restrict__ x, int64_t first, int64_t count, float by,
-                 const int32_t* __restrict__ table, uint8_t* __restrict__ codes) {
+// The code of x in the 4-bit linear map without zero, (k + 1) / 16 (kernels.quantize.linear_map),
+// without a table: the number of midpoints (2k + 3) / 32 below x, k < 15, is ceil((32 x - 3) / 2)
+// clamped to 0 .. 15, exact in float (32 x and the halving are exact; 32 x - 3 is exact from 1.5 on,
+// and below it only its sign matters); NaN: the last code, as the table gives
+inline uint8_t nearest_linear4_code(float x) {
+  float k = std::ceil((x * 32.0f - 3.0f) * 0.5f);
+  k = k < 15.0f ? k : 15.0f;  // NaN too
+  k = k > 0.0f ? k : 0.0f;
+  return static_cast<uint8_t>(static_cast<int32_t>(k));
+}
+
+// nearest(x[i]) stored as the codes of elements first .. first + count (first even for 4 bits; an
+// odd count's last byte pairs its code with 0)
+template <int BITS, typename Nearest>
+inline void code_with(const float* __restrict__ x, int64_t first, int64_t count, Nearest nearest,
+                      uint8_t* __restrict__ codes) {
   if constexpr (BITS == 8) {
 #pragma omp simd
-    for (int64_t i = 0; i < count; ++i) codes[first + i] = nearest_code<8, POSITIVE_NOT_ZERO>(x[i], by, table);
+    for (int64_t i = 0; i < count; ++i) codes[first + i] = nearest(x[i]);
   } else {
     constexpr int64_t kPiece = 256;  // values coded at a time into the stack buffer (even)
     alignas(64) uint8_t index[kPiece];
     for (int64_t piece = 0; piece < count; piece += kPiece) {
       const int64_t n = count - piece < kPiece ? count - piece : kPiece;
 #pragma omp simd
-      for (int64_t i = 0; i < n; ++i) index[i] = nearest_code<BITS, POSITIVE_NOT_ZERO>(x[piece + i], by, table);
-      for (int64_t i = 0; i < n; i += 2)
-        codes[(first + piece + i) / 2] = static_cast<uint8_t>((index[i] << 4) | (i + 1 < n ? index[i + 1] : 0));
+      for (int64_t i = 0; i < n; ++i) index[i] = nearest(x[piece + i]);
+      uint8_t* __restrict__ pairs = codes + (first + piece) / 2;
+#pragma omp simd
+      for (int64_t k = 0; k < n / 2; ++k) pairs[k] = static_cast<uint8_t>((index[2 * k] << 4) | index[2 * k + 1]);
+      if (n % 2) pairs[n / 2] = static_cast<uint8_t>(index[n - 1] << 4);
     }
   }
+}
+
+// x[i] / by coded into the codes of elements first .. first + count (as code_with)
+template <int BITS, bool POSITIVE_NOT_ZERO>
+inline void code(const float* __restrict__ x, int64_t first, int64_t count, float by,
+                 const int32_t* __restrict__ table, uint8_t* __restrict__ codes) {
+  code_with<BITS>(x, first, count, [=](float v) { return nearest_code<BITS, POSITIVE_NOT_ZERO>(v, by, table); },
+                  codes);
 }
 
 // A block coded with its own absmax, which is written to *peak_out
