@@ -31,7 +31,7 @@ kernel for it (one extra reduction, no copy; :meth:`Telemetry.add_sums`): the Tr
 or SGD kernel, the C++ kernels of :mod:`optim_plugins.kernels.cpp` (the same bits as torch's), and
 for buckets of the compiled backend the twin of its C++ loop that sums (kernels/cpp/loops.py); a
 few percent of a 20M-parameter step, more for plain SGD (``benchmarks/telemetry.md``). Elsewhere
-(foreach, per-tensor optimizers, rank-1 4-bit states, stochastic rounding) a recording step copies
+(foreach, per-tensor optimizers, stochastic rounding) a recording step copies
 the stepped parameters once (the update is new minus old: an exact update norm needs the old
 values; on CPU the copy's memory is kept while the recorder is on, as fresh allocations there
 cost page faults), takes the norms as multi-tensor reductions (``torch._foreach_norm``; the

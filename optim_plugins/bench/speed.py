@@ -263,10 +263,10 @@ NOTES = [
     "- 8/4-bit optimizers: `backend=compiled` decodes, steps and codes block-wise states in its C++ loop, "
     "block by block in the cache (kernels/cpp/codec.h: one table read per coded value; the bytes of decoding, "
     "stepping and coding in turn); the per-byte ratio counts the compact states. The rank-1 4-bit second moment "
-    "(adam4bit/adamw4bit's default, a scale that spans the tensor) and the other backends still decode the "
-    "states into fp32 temporaries around the update, a few tensors at a time, with the same C++ codec. "
-    "The coding is compute-bound here (a gather per value), so 8-bit steps run at 3-4x the fused AdamW "
-    "time per byte.",
+    "(adam4bit/adamw4bit's default, a scale that spans the tensor) is decoded into an fp32 temporary before "
+    "that loop and coded after it (C++, two passes over 2-D tensors: maxima, codes), a few tensors at a time; "
+    "the other backends decode every coded state that way. The coding is compute-bound here (a gather per "
+    "value), so 8-bit steps run at 3-4x the fused AdamW time per byte.",
     "- Timings on a shared machine are noisy; the ratios come from interleaved rounds, not from separate runs.",
 ]
 

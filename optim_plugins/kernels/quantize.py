@@ -21,11 +21,12 @@ normalisation: element (i, j) is scaled by min(max of row i, max of column j) (a
 tensors, the minimum over the maxima of every dimension); 1-D tensors fall back to blocks of 128.
 
 Every value becomes the index of the nearest code (ties to the lower code), found exactly and
-fast by :func:`_code_index` (tensor code) and :func:`nearest_code_table` (the C++ code). Functions
-take tensors only (no optimizer objects). On CPU the C++ codec of :mod:`optim_plugins.kernels.cpp`
-does each quantiser and dequantiser in one pass per block (the same bytes; this module's tensor
-code runs elsewhere and where it cannot be built), and the compiled backend's loops code 8/4-bit
-states inside the update with the same C++ (``kernels/cpp/codec.h``).
+fast by :func:`_code_index` (tensor code) and :func:`nearest_code_table` (the C++ code; the linear
+map's by arithmetic in the rank-1 codec). Functions take tensors only (no optimizer objects). On CPU
+the C++ codec of :mod:`optim_plugins.kernels.cpp` does each quantiser and dequantiser in one pass per
+block, rank-1 ones of 2-D tensors in two passes and one (the same bytes; this module's tensor code
+runs elsewhere, for rank-1 n-D tensors and where it cannot be built), and the compiled backend's
+loops code block-wise 8/4-bit states inside the update with the same C++ (``kernels/cpp/codec.h``).
 """
 from __future__ import annotations
 

@@ -19,7 +19,7 @@ GradScaler's loss scale inside the step (``_step_supports_amp_scaling``), state 
 from __future__ import annotations
 
 from collections import defaultdict
-from typing import Any, Callable, ClassVar, Iterable, Literal, Mapping, Sequence
+from typing import Any, Callable, ClassVar, Iterable, Literal, Mapping, NamedTuple, Sequence
 
 import torch
 from torch import Tensor
@@ -150,6 +150,19 @@ def _bucket(work: list[Tensor], grads: list[Tensor], views: list[dict[str, Any]]
              else views[0][k] for k in views[0]}
     arrays = {k: v.tensors for k, v in state.items() if isinstance(v, TensorList) and _is_array(views[0][k])}
     return p, g, state, arrays, {k: v for k, v in state.items() if k not in arrays}
+
+
+class _BucketPlan(NamedTuple):
+    """How ``Optimizer._apply`` steps a bucket, decided once from its group, dtype and state formats."""
+
+    mode: str | None  # the parameters' compensation: None, "kahan" or "stochastic" (precision.py)
+    state_dtype: torch.dtype
+    # 8/4-bit states coded inside the compiled C++ loop: no fp32 copy of them, one pass (the formats it
+    # cannot code, rank-1 4-bit, decoded before and coded after); fp32 parameters, or bf16 ones (read as
+    # float, with their Kahan compensation where they keep one) beside fp32 math
+    coded_loop: bool
+    folded: bool  # Kahan on bf16 parameters folded into the compiled C++ loop (p + compensation read, both written)
+    in_place: bool  # no working copy to write back
 
 
 def _hidden(codecs: Mapping[str, StateCodec]) -> set[str]:
@@ -409,10 +422,13 @@ class Optimizer(torch.optim.Optimizer):
                 scalars = (state["step"].item(), *(state[k].item() for k in scalar_names if k in state))
                 forms = tuple((k, c.loop_form()) for k, c in self._codecs(p, group, state).items()) if coded else ()
                 keyed[(p.device, p.dtype, p.is_complex(), scalars, forms)].append(i)
-            # states the loop cannot code (rank-1 4-bit) are decoded around it: a few tensors at a time
-            buckets = [[index[k] for k in chunk] for forms, index in ((key[-1], index) for key, index in keyed.items())
-                       for chunk in (_chunks([params[i].numel() for i in index], DECODED_CHUNK)
-                                     if any(form is None for _, form in forms) else [range(len(index))])]
+            buckets = []
+            for key, index in keyed.items():
+                if any(form is None for _, form in key[-1]):  # states the loop cannot code (rank-1 4-bit) are
+                    sizes = [params[i].numel() for i in index]  # decoded around it: a few tensors at a time
+                    buckets += [[index[k] for k in chunk] for chunk in _chunks(sizes, DECODED_CHUNK)]
+                else:
+                    buckets.append(index)
         probe = self.__dict__.get("_telemetry")  # op.telemetry: set only on its recording steps
         inv_scale = self.__dict__.get("_inv_scale")
         if backend == "triton":
@@ -569,33 +585,37 @@ class Optimizer(torch.optim.Optimizer):
         """Whether any parameter of ``group`` may have coded states (``state_codecs``, ``state_dtype``)."""
         return type(self).state_codecs is not Optimizer.state_codecs or group.get("state_dtype") not in (None, "param")
 
-    def _apply(self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor], states: list[dict],
-               per_tensor: bool, compile: bool = False, inv_scale: float | None = None,
-               with_sums: bool = False) -> tuple[Tensor, list[str]] | None:
-        """Step one bucket. ``with_sums``: only through the compiled C++ loop that also sums (op.telemetry),
-        returning its rows and the names of the state columns, or None with nothing changed."""
-        fusable = [False] * len(params) if per_tensor else self._torch_fusable(group, params, states)
+    def _plan(self, group: Mapping[str, Any], params: list[Tensor], codecs: list[dict[str, StateCodec]],
+              per_tensor: bool, compile: bool) -> _BucketPlan:
+        """The bucket's :class:`_BucketPlan` (``codecs``: each parameter's state codecs)."""
         dtype = params[0].dtype
         mode = resolve_compensation(group["compensation"], dtype)
-        codecs = [self._codecs(p, group, s) for p, s in zip(params, states)]
         state_dtype = self.state_dtype(params[0], group)
-        # 8/4-bit states coded inside the compiled C++ loop: no fp32 copy of them, one pass (the formats
-        # it cannot code, rank-1 4-bit, decoded before and coded after); fp32 parameters, or bf16 ones
-        # (read as float, with their Kahan compensation where they keep one) beside fp32 math
         looped = [bool(codec.loop_form()) for codec in codecs[0].values()]
         coded_loop = (compile and not per_tensor and any(looped) and state_dtype == torch.float32
                       and (dtype == torch.float32 and mode is None
                            or dtype == torch.bfloat16 and mode in (None, "kahan"))
                       and all(c.keys() == codecs[0].keys()
                               and [bool(codec.loop_form()) for codec in c.values()] == looped for c in codecs))
-        # Kahan on bf16 parameters folded into the compiled C++ loop (p + compensation read, both written)
         folded = (compile and not per_tensor and mode == "kahan" and state_dtype == dtype
                   and compiled_kernels.loops_cover({dtype}) and not any(codecs))
-        in_place = mode is None and state_dtype == dtype  # no working copy to write back
-        if with_sums and (any(fusable) or not (coded_loop or (not any(codecs) and (in_place or folded)))):
+        return _BucketPlan(mode, state_dtype, coded_loop, folded, in_place=mode is None and state_dtype == dtype)
+
+    def _apply(self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor], states: list[dict],
+               per_tensor: bool, compile: bool = False, inv_scale: float | None = None,
+               with_sums: bool = False) -> tuple[Tensor, list[str]] | None:
+        """Step one bucket: the coding loop, torch's fused kernel for the parameters it takes, the rest
+        (a few tensors at a time where states are decoded) through :meth:`_working_step`. ``with_sums``:
+        only through the compiled C++ loop that also sums (op.telemetry), returning its rows and the
+        names of the state columns, or None with nothing changed."""
+        fusable = [False] * len(params) if per_tensor else self._torch_fusable(group, params, states)
+        codecs = [self._codecs(p, group, s) for p, s in zip(params, states)]
+        plan = self._plan(group, params, codecs, per_tensor, compile)
+        if with_sums and (any(fusable) or not (plan.coded_loop or (not any(codecs) and (plan.in_place or plan.folded)))):
             return None
-        if coded_loop:
-            done = self._coded_loop_step(group, params, grads, states, codecs, inv_scale, with_sums, mode == "kahan")
+        if plan.coded_loop:
+            done = self._coded_loop_step(group, params, grads, states, codecs, inv_scale, with_sums,
+                                         plan.mode == "kahan")
             if with_sums:
                 return done or None
             if done:
@@ -606,7 +626,7 @@ class Optimizer(torch.optim.Optimizer):
                                      [states[i] for i in chosen], self._torch_grad_scale(inv_scale, params)):
                 rest = [i for i, f in enumerate(fusable) if not f]
                 if not rest:
-                    return
+                    return None
                 params, grads, states, codecs = _pick(rest, params, grads, states, codecs)
         chunks = _chunks([p.numel() for p in params], DECODED_CHUNK) if not per_tensor else []
         if len(chunks) > 1 and any(codecs):
@@ -614,11 +634,21 @@ class Optimizer(torch.optim.Optimizer):
             # keeps them small enough for the allocator to reuse) instead of decoding the whole bucket
             for index in chunks:
                 self._apply(group, *_pick(index, params, grads, states), per_tensor, compile, inv_scale)
-            return
+            return None
+        return self._working_step(group, params, grads, states, codecs, plan, per_tensor, compile, inv_scale,
+                                  with_sums)
+
+    def _working_step(self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor], states: list[dict],
+                      codecs: list[dict[str, StateCodec]], plan: _BucketPlan, per_tensor: bool, compile: bool,
+                      inv_scale: float | None, with_sums: bool) -> tuple[Tensor, list[str]] | None:
+        """A bucket through working copies where its parameters need one (precision.working_copy:
+        compensation, or a state dtype other than theirs) and its coded states decoded to them: the
+        update one tensor at a time (``per_tensor``), as the compiled program (``compile``; Kahan folded
+        into its C++ loop), else eagerly on TensorLists; states coded and parameters written back after."""
         step = states[0]["step"].item()
-        upcast = not (folded or in_place)
+        upcast = not (plan.folded or plan.in_place)
         work = [working_copy(p, s.get("compensation")) for p, s in zip(params, states)] if upcast else params
-        if state_dtype != dtype:
+        if plan.state_dtype != params[0].dtype:
             grads = [g.float() for g in grads]
         views = [_decoded(s, c, w.dtype) for s, c, w in zip(states, codecs, work)]
         if per_tensor:
@@ -630,11 +660,11 @@ class Optimizer(torch.optim.Optimizer):
             p, g, state, arrays, others = _bucket(work, grads, views)
             arguments = (self._bound_update(group, step), p.tensors, g.tensors, arrays, others,
                          self._prologue(group, inv_scale))
-            compensations = [s["compensation"] for s in states] if folded else None
-            if with_sums:  # nothing to encode or write back (checked above)
+            compensations = [s["compensation"] for s in states] if plan.folded else None
+            if with_sums:  # nothing to encode or write back (checked by _apply)
                 rows = compiled_kernels.run_with_sums(*arguments, compensations=compensations)
                 return None if rows is None else (rows, list(arrays))
-            if folded:
+            if plan.folded:
                 if not compiled_kernels.run(*arguments, compensations=compensations):
                     self._apply(group, params, grads, states, per_tensor, False, inv_scale)  # working copies, eager
                 return None
@@ -645,7 +675,8 @@ class Optimizer(torch.optim.Optimizer):
                 codec.encode(name, view[name], stored)
         if upcast:
             for param, w, s in zip(params, work, states):
-                write_back(param, w, mode, s.get("compensation"))
+                write_back(param, w, plan.mode, s.get("compensation"))
+        return None
 
     def _coded_loop_step(self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor], states: list[dict],
                          codecs: list[dict[str, StateCodec]], inv_scale: float | None, with_sums: bool,
