@@ -232,9 +232,10 @@ def test_4bit_block_codec_gives_the_bytes_of_the_eager_code(signed, size, monkey
 
 
 # odd element counts (the last byte's low nibble is 0, pairs that span two rows), one row, one column,
-# rows and columns of zeros, an inf and a NaN (their row and column code NaN)
+# rows and columns of zeros, an inf and a NaN (their row and column code NaN); (700, 301): the 2-D
+# codec's maxima in two parts of rows (from 65536 elements a part, one per thread), the NaN in the second
 @pytest.mark.parametrize("shape,nan", [((64, 33), False), ((301, 257), True), ((1, 5), False), ((7, 1), True),
-                                       ((5, 7, 9), False)])
+                                       ((5, 7, 9), False), ((700, 301), True)])
 def test_4bit_rank1_codec_gives_the_bytes_of_the_eager_code(shape, nan, monkeypatch):
     g = torch.Generator().manual_seed(5)
     x = torch.rand(shape, generator=g) ** 4

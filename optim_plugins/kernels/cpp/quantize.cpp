@@ -129,25 +129,28 @@ void quantize_4bit_rank1_2d(const at::Tensor& x, at::Tensor packed, at::Tensor m
   const float* in = x.data_ptr<float>();
   float* row_max = maxima.data_ptr<float>();
   float* column_max = row_max + rows;
-  // the maxima: rows in parallel, each thread keeping its own column maxima, merged after
-  const int threads = at::get_num_threads();
-  std::vector<float> columns(static_cast<size_t>(threads) * cols, 0.0f);
-  at::parallel_for(0, rows, std::max<int64_t>(1, 32768 / cols), [&](int64_t first, int64_t last) {
-    float* mine = columns.data() + static_cast<int64_t>(at::get_thread_num()) * cols;
-    for (int64_t r = first; r < last; ++r) {
-      const float* row = in + r * cols;
-      row_max[r] = codec::absmax(row, cols);
+  // the maxima: rows cut into parts stepped in parallel, each part keeping its own column maxima (no
+  // thread ids: the parts are fixed), merged after
+  const int64_t parts = std::max<int64_t>(1, std::min<int64_t>({at::get_num_threads(), rows, numel / 65536}));
+  std::vector<float> columns(static_cast<size_t>(parts * cols), 0.0f);
+  at::parallel_for(0, parts, 1, [&](int64_t first, int64_t last) {
+    for (int64_t part = first; part < last; ++part) {
+      float* mine = columns.data() + part * cols;
+      for (int64_t r = part * rows / parts; r < (part + 1) * rows / parts; ++r) {
+        const float* row = in + r * cols;
+        row_max[r] = codec::absmax(row, cols);
 #pragma omp simd
-      for (int64_t c = 0; c < cols; ++c) {
-        const float a = std::fabs(row[c]);
-        mine[c] = (a > mine[c] || a != a) ? a : mine[c];  // a NaN stays
+        for (int64_t c = 0; c < cols; ++c) {
+          const float a = std::fabs(row[c]);
+          mine[c] = (a > mine[c] || a != a) ? a : mine[c];  // a NaN stays
+        }
       }
     }
   });
   for (int64_t c = 0; c < cols; ++c) {
     float peak = columns[c];
-    for (int t = 1; t < threads; ++t) {
-      const float a = columns[static_cast<size_t>(t) * cols + c];
+    for (int64_t part = 1; part < parts; ++part) {
+      const float a = columns[part * cols + c];
       peak = (a > peak || a != a) ? a : peak;  // as above
     }
     column_max[c] = peak;
