@@ -53,3 +53,29 @@ def test_bf16_suite_times_every_variant_beside_torchs_fused_adamw(tmp_path):
                     "lion Kahan, backend=foreach", "lion no compensation, backend=compiled"):
         assert f"| {variant} |" in table
     assert "(Inductor)" not in table  # Inductor's variant only from COMPILED_FROM parameters
+
+
+def test_gpu_suite_refuses_without_cuda_and_its_table_counts_bandwidth(capsys):
+    """The GPU suite: a clear error where torch sees no CUDA device; its measuring and table code run on
+    the CPU here (host clock instead of CUDA events), with bandwidth = bytes moved / step time."""
+    import torch
+
+    from optim_plugins.bench import gpu
+    from optim_plugins.cli import main
+
+    if not torch.cuda.is_available():
+        assert main(["bench", "--suite", "gpu", "-o", ""]) != 0
+        assert "needs a CUDA GPU" in capsys.readouterr().err
+    rows, numel = gpu.run(["adamw", "lion"], 20000, torch.device("cpu"), repeats=2, warmup=1, backends=("foreach",))
+    variants = {(row.name, row.variant) for row in rows}
+    assert ("adamw", "torch AdamW fused=True") in variants and ("lion", "optim_plugins backend=foreach") in variants
+    assert ("adamw", "optim_plugins backend=auto") in variants  # "(torch's fused kernel)" dropped: on CUDA, Triton
+    assert not any("Inductor" in variant for _, variant in variants) and not any(row.error for row in rows)
+    table = gpu.markdown(rows, numel, "test", "NVIDIA H100 80GB HBM3", gpu.nominal_peak("NVIDIA H100 80GB HBM3"),
+                         copy=100.0)
+    lion = next(row for row in rows if row.variant == "optim_plugins backend=foreach" and row.name == "lion")
+    bandwidth = 20 * numel / (lion.ms_per_step * 1e-3) / 1e9  # Lion moves 20 bytes per parameter
+    expected = f"{bandwidth:,.0f} | {100 * bandwidth / 3350:.0f}% | {100 * bandwidth / 100:.0f}% |"
+    assert f"| lion | optim_plugins backend=foreach | {lion.ms_per_step:.3f} | " in table and expected in table
+    assert gpu.nominal_peak("NVIDIA H200") == 4800 and gpu.nominal_peak("NVIDIA H100 PCIe") == 2000
+    assert gpu.nominal_peak("some other card") is None

@@ -18,13 +18,16 @@ SUITES = {
     "telemetry": "step-time overhead of op.telemetry recording every step",
     "bf16": "step time with bf16 parameters (Kahan compensation or none) per backend, vs torch's fused AdamW",
     "sharded": "optimizer-state bytes per rank under ShardedOptimizer, 2 and 4 gloo processes",
+    "gpu": "step time and achieved bandwidth of the Triton kernels vs torch's fused AdamW (needs a CUDA GPU)",
 }
 DEFAULT_OUTPUT = {"speed": "benchmarks/results.md", "memory": "benchmarks/state_memory.md",
                   "sharded": "benchmarks/sharded_state.md"}
 # Options a suite gets when the command line leaves them out (None).
 COMMON_DEFAULTS = {"optimizers": "adamw,sgd,rmsprop", "params": 4e6}
 SUITE_DEFAULTS = {"telemetry": {"optimizers": "adamw,adamw@foreach,adafactor,adam8bit", "params": 2e7},
-                  "bf16": {"optimizers": "adamw,lion", "params": 2e7}}
+                  "bf16": {"optimizers": "adamw,lion", "params": 2e7},
+                  "gpu": {"optimizers": "adamw,adam,lion,adabelief,sgd,adan,rmsprop,adam8bit,adamw8bit,lion8bit",
+                          "params": 1e8}}
 
 
 def run_suite(name: str, args: argparse.Namespace, command: str) -> str:
