@@ -360,7 +360,8 @@ def test_lowbit_optimizers_code_their_states_inside_the_loop_bit_for_bit(name, o
 
     decoded = []
     for cls in (codecs.Blockwise8bit, codecs.Blockwise4bit, codecs.Rank1Linear4bit):
-        monkeypatch.setattr(cls, "decode", lambda self, *a, original=cls.decode: decoded.append(self) or original(self, *a))
+        monkeypatch.setattr(cls, "decode",
+                            lambda self, *a, original=cls.decode: decoded.append(self) or original(self, *a))
     ours, fused = _stepped(name, options, True, monkeypatch, dtype=dtype)
     rank1 = name == "adamw4bit" and "second_moment_scale" not in options
     # no state was decoded outside the loop but the rank-1 second moments of the 2-D tensors, each step

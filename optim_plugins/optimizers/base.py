@@ -611,7 +611,8 @@ class Optimizer(torch.optim.Optimizer):
         fusable = [False] * len(params) if per_tensor else self._torch_fusable(group, params, states)
         codecs = [self._codecs(p, group, s) for p, s in zip(params, states)]
         plan = self._plan(group, params, codecs, per_tensor, compile)
-        if with_sums and (any(fusable) or not (plan.coded_loop or (not any(codecs) and (plan.in_place or plan.folded)))):
+        summable = plan.coded_loop or (not any(codecs) and (plan.in_place or plan.folded))
+        if with_sums and (any(fusable) or not summable):
             return None
         if plan.coded_loop:
             done = self._coded_loop_step(group, params, grads, states, codecs, inv_scale, with_sums,

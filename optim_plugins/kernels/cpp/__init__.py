@@ -68,7 +68,8 @@ def _flags() -> list[str]:
     from torch.utils.cpp_extension import include_paths
 
     # -fno-trapping-math lets GCC vectorize float selects and conversions (FP traps are never looked at)
-    return ["-fPIC", "-std=c++20", "-O2", "-fopenmp", "-fno-trapping-math", *CAPABILITY_FLAGS[torch.backends.cpu.get_cpu_capability()],
+    return ["-fPIC", "-std=c++20", "-O2", "-fopenmp", "-fno-trapping-math",
+            *CAPABILITY_FLAGS[torch.backends.cpu.get_cpu_capability()],
             *(flag for path in include_paths() for flag in ("-isystem", path))]
 
 

@@ -1,5 +1,6 @@
 // Block-wise 8-bit and 4-bit state codecs on CPU: kernels/quantize.py's quantisers and
-// dequantisers in one pass per block instead of a chain of eager tensor operations.
+// dequantisers in one pass per block instead of a chain of eager tensor operations; the rank-1
+// 4-bit ones of 2-D tensors in two passes (maxima, codes) and one (decode).
 //
 // The maps and the nearest-code table come from Python (kernels/quantize.py `nearest_code_table`), so
 // there is one definition of the formats; the coding itself is codec.h's (shared with the compiled
