@@ -3,8 +3,10 @@
 // 4-bit ones of 2-D tensors in two passes (maxima, codes) and one (decode).
 //
 // The maps and the nearest-code table come from Python (kernels/quantize.py `nearest_code_table`), so
-// there is one definition of the formats; the coding itself is codec.h's (shared with the compiled
-// backend's loops) and gives the bytes of the eager functions, tested against them.
+// there is one definition of the formats (but for the rank-1 codec's linear map, whose nearest code is
+// arithmetic: codec.h nearest_linear4_code, tested against the map's midpoints); the coding itself is
+// codec.h's (shared with the compiled backend's loops) and gives the bytes of the eager functions,
+// tested against them.
 #include <ATen/core/Tensor.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
