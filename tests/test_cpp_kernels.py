@@ -305,6 +305,33 @@ def test_a_compiler_error_comes_back_as_the_reason(tmp_path, monkeypatch):
     assert not (tmp_path / "lib.so").exists()
 
 
+def test_cached_libraries_unused_for_a_month_go_when_one_is_built(tmp_path, monkeypatch):
+    """Building a library removes those of its stem last used (built or loaded) over CACHE_KEEP_DAYS ago;
+    loading one marks it used; other stems and recent libraries stay."""
+    import os
+    import time
+
+    monkeypatch.setattr(cpp_kernels, "_cache_dir", lambda: tmp_path)
+    (tmp_path / "loops").mkdir()
+    month = (cpp_kernels.CACHE_KEEP_DAYS + 1) * 86400
+    files = {name: tmp_path / "loops" / f"{name}.so" for name in ("step-old", "step-recent", "other-old")}
+    for name, path in files.items():
+        path.write_text("")
+        age = 86400 if name == "step-recent" else month
+        os.utime(path, (time.time() - age, time.time() - age))
+
+    def build(path):
+        path.write_text("built")
+        return None
+
+    old_in_use = cpp_kernels._cached_library("loops/step", "in use", build)  # built now, then made old
+    os.utime(old_in_use, (time.time() - month, time.time() - month))
+    assert cpp_kernels._cached_library("loops/step", "in use", build) == old_in_use  # loaded: used now
+    new = cpp_kernels._cached_library("loops/step", "new", build)
+    assert new.read_text() == "built" and old_in_use.exists()
+    assert not files["step-old"].exists() and files["step-recent"].exists() and files["other-old"].exists()
+
+
 def test_an_unwritable_cache_comes_back_as_the_reason(tmp_path, monkeypatch):
     blocked = tmp_path / "file"
     blocked.write_text("not a directory")

@@ -21,12 +21,14 @@ eager code; a failed build warns once.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import os
 import shutil
 import subprocess
 import tempfile
+import time
 import warnings
 from pathlib import Path
 from typing import Callable
@@ -44,6 +46,7 @@ CAPABILITY_FLAGS = {
                "-DCPU_CAPABILITY_AVX512", "-DCPU_CAPABILITY=AVX512"],
 }
 _warned: list[str] = []  # the build failure already warned about
+CACHE_KEEP_DAYS = 30  # a cached library unused this long goes when a new one of its kind is built
 
 
 def _compiler() -> str | None:
@@ -112,20 +115,35 @@ def _load() -> str | None:
 def _cached_library(stem: str, key: str, build: Callable[[Path], str | None]) -> Path | str:
     """``<cache>/<stem>-<hash of key>.so``, built by ``build(path)`` (None or an error message) where
     missing; its path, or why it could not be built. Built in a temporary directory and renamed into
-    place, so processes building the same library at once do not see each other's half-written file."""
+    place, so processes building the same library at once do not see each other's half-written file.
+    A library found is touched (its time is that of its last use); building one removes those of the
+    same stem unused for ``CACHE_KEEP_DAYS`` (other sources, flags or programs)."""
     library = _cache_dir() / f"{stem}-{hashlib.sha256(key.encode()).hexdigest()[:16]}.so"
     try:
-        if not library.exists():
-            library.parent.mkdir(parents=True, exist_ok=True)
-            with tempfile.TemporaryDirectory(dir=library.parent) as tmp:
-                built = Path(tmp) / library.name
-                failure = build(built)
-                if failure is not None:
-                    return failure
-                os.replace(built, library)
+        if library.exists():
+            with contextlib.suppress(OSError):  # a read-only cache is still read
+                os.utime(library)
+            return library
+        library.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=library.parent) as tmp:
+            built = Path(tmp) / library.name
+            failure = build(built)
+            if failure is not None:
+                return failure
+            os.replace(built, library)
     except OSError as error:  # an unwritable cache
         return f"{type(error).__name__}: {error}"
+    _prune(library)
     return library
+
+
+def _prune(kept: Path) -> None:
+    """Remove the libraries beside ``kept`` of its stem not used for ``CACHE_KEEP_DAYS`` days."""
+    cutoff = time.time() - CACHE_KEEP_DAYS * 86400
+    for path in kept.parent.glob(kept.name.rsplit("-", 1)[0] + "-*.so"):
+        with contextlib.suppress(OSError):  # another process removed it, or the cache is read-only
+            if path != kept and path.stat().st_mtime < cutoff:
+                path.unlink()
 
 
 def _cache_dir() -> Path:
