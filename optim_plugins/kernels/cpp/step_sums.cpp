@@ -128,8 +128,9 @@ struct Coefficients {
 
 template <typename scalar_t>
 void step_range(scalar_t* p, scalar_t* g, scalar_t* m, scalar_t* v, scalar_t* vmax, int64_t size,
-                const Coefficients& c, Sums& sums) {
+                const Coefficients& coefficients, Sums& sums) {
   using Vec = at::vec::Vectorized<scalar_t>;
+  const Coefficients c = coefficients;  // a local copy: the vector stores may alias a reference, not it
   const scalar_t weight = scalar_t(1 - c.beta1);  // exp_avg.lerp_(grad, 1 - beta1)
   const bool small_weight = std::abs(weight) < scalar_t(0.5);
   const Vec lerp_coeff = small_weight ? Vec(weight) : Vec(weight) - Vec(scalar_t(1));
@@ -239,8 +240,9 @@ struct SgdOptions {
 };
 
 template <typename scalar_t>
-void sgd_range(scalar_t* p, scalar_t* g, scalar_t* buf, int64_t size, const SgdOptions& o, Sums& sums) {
+void sgd_range(scalar_t* p, scalar_t* g, scalar_t* buf, int64_t size, const SgdOptions& options, Sums& sums) {
   using Vec = at::vec::Vectorized<scalar_t>;
+  const SgdOptions o = options;  // a local copy: the options stay in registers (as step_range's)
   constexpr int64_t kBlock = 256 * Vec::size();
   const int64_t vector_end = size - (size % Vec::size());
   int64_t d = 0;
