@@ -94,6 +94,10 @@ def _real(t: Tensor) -> Tensor:
     return torch.view_as_real(t) if t.is_complex() else t
 
 
+def _same(t: Tensor) -> Tensor:
+    return t
+
+
 def _unavailable(backend: str) -> str | None:
     """Why ``backend`` cannot run in this process (None: it can)."""
     if backend == "compiled":
@@ -144,9 +148,10 @@ def _bucket(work: list[Tensor], grads: list[Tensor], views: list[dict[str, Any]]
             ) -> tuple[TensorList, TensorList, dict[str, Any], dict[str, list[Tensor]], dict[str, Any]]:
     """A bucket as ``update`` takes it (p, g and the state of TensorLists) and as the compiled backend
     takes it: the parameter-shaped states (``arrays``) apart from the rest (0-d states, Python values)."""
-    p = TensorList(_real(t) for t in work)
-    g = TensorList(_real(t) for t in grads)
-    state = {k: TensorList(_real(s[k]) if _is_array(s[k]) else s[k] for s in views) if torch.is_tensor(views[0][k])
+    real = _real if work[0].is_complex() else _same  # a bucket is complex or real throughout (step_group's key)
+    p = TensorList(real(t) for t in work)
+    g = TensorList(real(t) for t in grads)
+    state = {k: TensorList(real(s[k]) if _is_array(s[k]) else s[k] for s in views) if torch.is_tensor(views[0][k])
              else views[0][k] for k in views[0]}
     arrays = {k: v.tensors for k, v in state.items() if isinstance(v, TensorList) and _is_array(views[0][k])}
     return p, g, state, arrays, {k: v for k, v in state.items() if k not in arrays}
@@ -172,6 +177,8 @@ def _hidden(codecs: Mapping[str, StateCodec]) -> set[str]:
 
 def _decoded(state: Mapping[str, Any], codecs: Mapping[str, StateCodec], dtype: torch.dtype) -> dict[str, Any]:
     """The state ``update`` sees: machinery entries left out, coded states decoded to ``dtype``."""
+    if not codecs:
+        return {k: v for k, v in state.items() if k not in MACHINERY_STATE}
     hidden = _hidden(codecs)
     return {k: codecs[k].decode(k, state, dtype) if k in codecs else v for k, v in state.items() if k not in hidden}
 
