@@ -79,3 +79,25 @@ def test_gpu_suite_refuses_without_cuda_and_its_table_counts_bandwidth(capsys):
     assert f"| lion | optim_plugins backend=foreach | {lion.ms_per_step:.3f} | " in table and expected in table
     assert gpu.nominal_peak("NVIDIA H200") == 4800 and gpu.nominal_peak("NVIDIA H100 PCIe") == 2000
     assert gpu.nominal_peak("some other card") is None
+
+
+def test_scale_suite_reads_its_numbers_from_its_rows():
+    """The scale table's reading notes are computed from the rows (so a rerun keeps them true)."""
+    from optim_plugins.bench import scale
+
+    names = list(scale._variants())
+    def ms(fused, compiled, auto, lion_foreach, lion_compiled):
+        values = dict.fromkeys(names, 1.0)
+        values.update({"torch AdamW fused=True": fused, "ours adamw compiled": compiled, "ours adamw auto": auto,
+                       "ours lion foreach": lion_foreach, "ours lion compiled": lion_compiled})
+        return values
+    points = [("params", 1_000_000, 21, ms(1.0, 1.5, 1.1, 4.0, 1.2), 0.0),
+              ("params", 20_000_000, 21, ms(10.0, 9.5, 10.2, 30.0, 7.0), 0.0),
+              ("params", 70_000_000, 21, ms(40.0, 40.0, 40.0, 160.0, 28.0), 0.0),
+              ("tensors", 1_024_000, 1000, ms(10.0, 18.0, 11.0, 24.0, 15.0), 0.0)]
+    table = scale.markdown(points, "test", "scale.png")
+    assert "| tensors | 1,024,000 | 1000 |" in table and "18.00 (1.80x)" in table
+    assert "1.00-1.10x torch's `AdamW(fused=True)` from 1,000,000 to 70,000,000 parameters" in table
+    assert "0.95-1.00x torch's fused kernel from 16M parameters, 1.50-1.50x below" in table
+    assert "3.33-5.71x faster on it than on foreach, 0.70-1.20x the time of a fused AdamW step" in table
+    assert "compiled AdamW 1.80x torch's fused AdamW (8.0 us more per tensor" in table
