@@ -16,12 +16,11 @@ import argparse
 import importlib.util
 import statistics
 import sys
-import time
 from typing import Any, Callable, Mapping
 
 import torch
 
-from .speed import BASELINE, BYTES_PER_PARAM, Row, _state_bytes, make_params, variants
+from .speed import Row, interleaved, make_params, time_variants, variants
 
 # HBM bandwidth in GB/s from the vendors' data sheets, by a part of torch.cuda.get_device_name()
 # (first match wins, so the more specific names come first)
@@ -36,17 +35,11 @@ def nominal_peak(device_name: str) -> float | None:
     return next((peak for part, peak in NOMINAL_PEAK_GBPS.items() if part in device_name), None)
 
 
-def _timed_rounds(steps: Mapping[str, Callable[[], Any]], repeats: int, device: torch.device) -> dict[str, list[float]]:
-    """ms per call of each step over ``repeats`` rounds of one call each in turn: CUDA events on a GPU
-    (one synchronisation per round), the host clock elsewhere."""
+def _cuda_rounds(steps: Mapping[str, Callable[[], Any]], repeats: int) -> dict[str, list[float]]:
+    """ms per call of each step over ``repeats`` rounds of one call each in turn, timed by CUDA events
+    (one synchronisation per round)."""
     times: dict[str, list[float]] = {name: [] for name in steps}
     for _ in range(repeats):
-        if device.type != "cuda":
-            for name, step in steps.items():
-                start = time.perf_counter()
-                step()
-                times[name].append(1e3 * (time.perf_counter() - start))
-            continue
         events = []
         for step in steps.values():
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -54,7 +47,7 @@ def _timed_rounds(steps: Mapping[str, Callable[[], Any]], repeats: int, device: 
             step()
             end.record()
             events.append((start, end))
-        torch.cuda.synchronize(device)
+        torch.cuda.synchronize()
         for name, (start, end) in zip(steps, events):
             times[name].append(start.elapsed_time(end))
     return times
@@ -64,49 +57,31 @@ def copy_bandwidth(device: torch.device, numel: int = 2**28, repeats: int = 10) 
     """GB/s of a device-to-device copy of ``numel`` fp32 values (read + write counted)."""
     source = torch.empty(numel, device=device)
     target = torch.empty_like(source)
-    ms = statistics.median(_timed_rounds({"copy": lambda: target.copy_(source)}, repeats, device)["copy"])
+    ms = statistics.median(_cuda_rounds({"copy": lambda: target.copy_(source)}, repeats)["copy"])
     return 2 * 4 * numel / (ms * 1e-3) / 1e9
 
 
 def run(names: list[str], total: int, device: torch.device, repeats: int = 20, warmup: int = 3,
         backends: tuple[str, ...] = ("foreach", "triton")) -> tuple[list[Row], int]:
     """Time every variant of every optimizer on ``device``, interleaved with torch's fused AdamW (speed.py's
-    variants, less Inductor's and those of packages not installed here)."""
+    variants, less Inductor's and those of packages not installed here; CUDA events on a GPU, the host
+    clock elsewhere)."""
     on_host = make_params(total)
     params = [torch.nn.Parameter(p.detach().to(device)) for p in on_host]
     for p, original in zip(params, on_host):
         p.grad = original.grad.to(device)
     del on_host
-    numel = sum(p.numel() for p in params)
     skipped = ("Inductor", *(() if importlib.util.find_spec("pytorch_optimizer") else ("pytorch_optimizer",)))
+    rounds = interleaved if device.type != "cuda" else (
+        lambda built, count: _cuda_rounds({variant: optimizer.step for variant, optimizer in built.items()}, count))
     rows = []
     for name in names:
-        built, errors = {}, {}
-        for variant, build in variants(name, backends).items():
-            if any(word in variant for word in skipped):
-                continue
-            variant = variant.replace(" (torch's fused kernel)", "")  # on CUDA auto picks Triton where it can
-            try:
-                optimizer = build(params)
-                for _ in range(warmup):
-                    optimizer.step()
-                built[variant] = optimizer
-            except Exception as exc:  # a failing variant is reported, not fatal
-                errors[variant] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:80]}"
-        times = _timed_rounds({variant: optimizer.step for variant, optimizer in built.items()}, repeats, device)
-        base = statistics.median(times[BASELINE]) if BASELINE in times else None
-        for variant in [*built, *errors]:
-            if variant == BASELINE and name != "adamw":
-                continue
-            bpp = BYTES_PER_PARAM["adamw"] if variant.startswith("torch AdamW") else BYTES_PER_PARAM.get(name)
-            if variant in errors:
-                rows.append(Row(name, variant, 0.0, 0.0, bpp, base, error=errors[variant]))
-            else:
-                rows.append(Row(name, variant, statistics.median(times[variant]),
-                                _state_bytes(built[variant], numel), bpp, base))
-        del built
+        found = {variant.replace(" (torch's fused kernel)", ""): build  # on CUDA auto picks Triton where it can
+                 for variant, build in variants(name, backends).items()
+                 if not any(word in variant for word in skipped)}
+        rows += time_variants(name, found, params, warmup, repeats, rounds)
         print(f"gpu: {name} done", file=sys.stderr, flush=True)
-    return rows, numel
+    return rows, sum(p.numel() for p in params)
 
 
 def markdown(rows: list[Row], numel: int, command: str, device_name: str, peak: float | None, copy: float) -> str:

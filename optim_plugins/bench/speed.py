@@ -190,32 +190,42 @@ def run(names: list[str], total: int = 4_000_000, warmup: int = 3, repeats: int 
         backends = ("reference", "foreach", "compiled") if numel >= COMPILED_FROM else ("reference", "foreach")
     rows = []
     for name in names:
-        built, first, errors = {}, {}, {}
-        for variant, make in variants(name, backends).items():
-            try:
-                start = time.perf_counter()
-                optimizer = make(params)
-                optimizer.step()
-                first[variant] = time.perf_counter() - start
-                for _ in range(warmup):
-                    optimizer.step()
-                built[variant] = optimizer
-            except Exception as exc:  # a failing variant is reported, not fatal
-                errors[variant] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:80]}"
-        times = interleaved(built, repeats)
-        base = statistics.median(times[BASELINE]) if BASELINE in times else None
-        for variant in variants(name, backends):
-            if variant == BASELINE and name != "adamw":
-                continue
-            bpp = BYTES_PER_PARAM["adamw"] if variant.startswith("torch AdamW") else BYTES_PER_PARAM.get(name)
-            if variant in errors:
-                rows.append(Row(name, variant, 0.0, 0.0, bpp, base, error=errors[variant]))
-                continue
-            rows.append(Row(name, variant, statistics.median(times[variant]), _state_bytes(built[variant], numel), bpp,
-                            base, first[variant] if "compiled" in variant else None))
-        del built
+        rows += time_variants(name, variants(name, backends), params, warmup, repeats)
         print(f"speed: {name} done", file=sys.stderr, flush=True)
     return rows, numel
+
+
+def time_variants(name: str, found: Mapping[str, Callable[[list], Any]], params: list, warmup: int, repeats: int,
+                  rounds: Callable[[Mapping[str, Any], int], dict[str, list[float]]] = interleaved) -> list[Row]:
+    """One row per variant of optimizer ``name`` (``found``: variant -> builder, the baseline among them):
+    each built on ``params`` (its first step timed), warmed, then all timed by ``rounds`` (interleaved);
+    a variant that fails is a row with its error, not fatal."""
+    numel = sum(p.numel() for p in params)
+    built, first, errors = {}, {}, {}
+    for variant, make in found.items():
+        try:
+            start = time.perf_counter()
+            optimizer = make(params)
+            optimizer.step()
+            first[variant] = time.perf_counter() - start
+            for _ in range(warmup):
+                optimizer.step()
+            built[variant] = optimizer
+        except Exception as exc:  # a failing variant is reported, not fatal
+            errors[variant] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:80]}"
+    times = rounds(built, repeats)
+    base = statistics.median(times[BASELINE]) if BASELINE in times else None
+    rows = []
+    for variant in found:
+        if variant == BASELINE and name != "adamw":
+            continue
+        bpp = BYTES_PER_PARAM["adamw"] if variant.startswith("torch AdamW") else BYTES_PER_PARAM.get(name)
+        if variant in errors:
+            rows.append(Row(name, variant, 0.0, 0.0, bpp, base, error=errors[variant]))
+            continue
+        rows.append(Row(name, variant, statistics.median(times[variant]), _state_bytes(built[variant], numel), bpp,
+                        base, first[variant] if "compiled" in variant else None))
+    return rows
 
 
 def markdown(rows: list[Row], numel: int, command: str) -> str:

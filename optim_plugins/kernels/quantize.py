@@ -234,10 +234,6 @@ def num_bytes_4bit(numel: int) -> int:
     return -(-numel // 2)
 
 
-def _map_4bit(signed: bool) -> str:
-    return map_name(4, signed)
-
-
 def quantize_4bit_blockwise_(x: Tensor, packed: Tensor, absmax: Tensor, signed: bool,
                              block_size: int = BLOCK_SIZE_4BIT) -> None:
     """Store ``x`` into ``packed`` (uint8, ceil(numel/2)) and ``absmax`` (fp32, one per block), in place.
@@ -245,19 +241,20 @@ def quantize_4bit_blockwise_(x: Tensor, packed: Tensor, absmax: Tensor, signed: 
     ``signed=True``: the dynamic-exponent map (first moment); False: the linear map without
     zero (second moment), so a value below 1/32 of its block's absmax becomes 1/16 of it.
     """
-    if x.device.type == "cpu" and cpp_kernels.quantize_blockwise_(x, packed, absmax, nearest_code_table(_map_4bit(signed)),
+    kind = map_name(4, signed)
+    if x.device.type == "cpu" and cpp_kernels.quantize_blockwise_(x, packed, absmax, nearest_code_table(kind),
                                                                   block_size, bits=4, positive_not_zero=False):
         return
     blocks = _blocks(x.float(), block_size)
     torch.amax(blocks.abs(), dim=1, out=absmax)
     scaled = blocks / absmax.clamp_min(torch.finfo(torch.float32).tiny).unsqueeze(1)
-    packed.copy_(pack_4bit(_code_index(scaled, _map_4bit(signed)).view(-1)[: x.numel()]))
+    packed.copy_(pack_4bit(_code_index(scaled, kind).view(-1)[: x.numel()]))
 
 
 def dequantize_4bit_blockwise(packed: Tensor, absmax: Tensor, shape: torch.Size, signed: bool,
                               block_size: int = BLOCK_SIZE_4BIT) -> Tensor:
     """The fp32 tensor of ``shape`` that ``packed`` and ``absmax`` stand for."""
-    code = _search(_map_4bit(signed), packed.device)[0]
+    code = _search(map_name(4, signed), packed.device)[0]
     numel = torch.Size(shape).numel()
     if packed.device.type == "cpu":
         out = torch.empty(shape, dtype=torch.float32)

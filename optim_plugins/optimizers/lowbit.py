@@ -5,8 +5,8 @@ the machinery's :class:`~optim_plugins.optimizers.codecs.Blockwise8bit` state co
 (Dettmers et al., "8-bit Optimizers via Block-wise Quantization", 2022; the format of
 bitsandbytes). Per step the machinery decodes each 8-bit state into an fp32 temporary,
 runs the update, and re-quantises; on the compiled backend (``auto`` on CPU from 2^20
-elements) one C++ loop does the three block by block, in the cache (kernels/cpp/loops.py). Tensors with fewer than ``min_8bit_size`` elements keep
-fp32 states, as bitsandbytes does. The parameters themselves are the fp32 master weights
+elements) one C++ loop does the three block by block, in the cache (kernels/cpp/loops.py).
+Tensors with fewer than ``min_8bit_size`` elements keep fp32 states, as bitsandbytes does. The parameters themselves are the fp32 master weights
 (fp32 parameters are updated in place; bf16 ones through the machinery's fp32 working copy
 and compensation, which the compiled backend's loop reads and writes itself).
 
