@@ -52,6 +52,7 @@ Lightning callbacks are in :mod:`optim_plugins.integrations.telemetry_callbacks`
 """
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import warnings
@@ -63,7 +64,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
-from .memory import state_bytes, state_tensors
+from .memory import state_bytes
 
 SECOND_MOMENT_KEYS = ("exp_avg_sq", "exp_avg_var", "square_avg", "sum", "v")
 METRICS = ("grad_norm", "update_norm", "weight_norm", "update_ratio", "lr", "second_moment")
@@ -225,6 +226,9 @@ class Telemetry:
         self.units = unit_names(optimizer, by, model, depth)
         self.param_names = unit_names(optimizer, "param", model) if by != "param" else self.units
         self.native = isinstance(optimizer, Base)  # measured inside step_group; else around the whole step
+        # every parameter's effective lr is its group's lr: asked once per group, not per parameter
+        self._group_lr = (not callable(getattr(optimizer, "effective_lr", None))
+                          or (self.native and type(optimizer).effective_lr is Base.effective_lr))
         self.path = Path(path) if path is not None else None
         self.history: list[dict[str, Any]] = []
         self.steps = 0
@@ -348,42 +352,48 @@ class Telemetry:
             counts.append(0 if v is None else p.numel())
         stats = torch.stack([grad_norms, update_norms, weight_norms.to(update_norms.dtype),
                              torch.stack([t.to(update_norms) for t in sums])], dim=1)
-        self._keep(optimizer, group, params, states, stats, counts)
+        self._keep(optimizer, group, params, states, stats, counts, squared=False)  # squared in double at the record
 
     def second_moment_name(self, p: Tensor, state: Any) -> str | None:
         """:func:`_second_moment_name`, looked up again only when the state dict is another one or has
         other keys (a record asks for every parameter)."""
-        key = (id(p), id(state), len(state) if isinstance(state, Mapping) else -1)
+        key = (id(p), id(state), len(state) if isinstance(state, (dict, Mapping)) else -1)  # dict: no ABC check
         name = self._moments.get(key, False)
         if name is False or (name is not None and getattr(state.get(name), "shape", None) != p.shape):
             name = self._moments[key] = _second_moment_name(p, state)
         return name
 
     def add_sums(self, optimizer: Any, group: Mapping[str, Any], params: list[Tensor],
-                 states: list[Mapping[str, Any]], sums: Tensor, moments: list[str | None] | None = None) -> None:
+                 states: list[Mapping[str, Any]], sums: Tensor | list[list[float]],
+                 moments: list[str | None] | None = None) -> None:
         """Sums a kernel computed during the step, one row per parameter: g^2, update^2, old p^2 and
         the second moment named by :meth:`second_moment_name` (Triton kernels, the C++ kernels and
-        loops); ``moments``: those names where the caller looked them up already."""
+        loops); a tensor (read at the record, with the others: one host sync) or rows of floats.
+        ``moments``: those names where the caller looked them up already."""
         if self._acc is None:
             return
-        norms = sums[:, :3].clamp_min(0).sqrt()
         if moments is None:
             moments = [self.second_moment_name(p, s) for p, s in zip(params, states)]
         counts = [0 if m is None else p.numel() for p, m in zip(params, moments)]
-        self._keep(optimizer, group, params, states, torch.cat([norms, sums[:, 3:]], dim=1), counts)
+        self._keep(optimizer, group, params, states, sums, counts)
 
     def _keep(self, optimizer: Any, group: Mapping[str, Any], params: list[Tensor], states: list[Mapping[str, Any]],
-              stats: Tensor, counts: list[int]) -> None:
-        """Hold one group's per-parameter (grad norm, update norm, weight norm, sum v) until the record;
-        ``counts``: the elements of each parameter's second moment (0: none)."""
-        effective = getattr(optimizer, "effective_lr", None)
-        lrs = [float(effective(group, s)) if effective is not None else float(group.get("lr") or 0.0) for s in states]
-        self._acc.append(([id(p) for p in params], stats, lrs, counts))
+              sums: Tensor | list[list[float]], counts: list[int], squared: bool = True) -> None:
+        """Hold one group's per-parameter (grad^2, update^2, weight^2, sum v) until the record
+        (``squared=False``: the first three are norms); ``counts``: the elements of each parameter's
+        second moment (0: none)."""
+        if self._group_lr:
+            lrs = [float(group.get("lr") or 0.0)] * len(params)
+        else:
+            lrs = [float(optimizer.effective_lr(group, s)) for s in states]
+        self._acc.append(([id(p) for p in params], sums, lrs, counts, squared))
 
     def _state_bytes(self, optimizer: Any) -> int:
-        """:func:`state_bytes`, counted again only when a state tensor was added, replaced, moved or
-        resized since the last record (counting walks every storage: ~17 us per parameter)."""
-        key = tuple((id(t), t.data_ptr(), t.numel()) for state in optimizer.state.values() for t in state_tensors(state))
+        """:func:`state_bytes`, counted again only when a state value was added or replaced (a new
+        object: ``load_state_dict``, ``.to()``) since the last record (counting walks every storage:
+        ~17 us per parameter; the check takes each value's id)."""
+        key = tuple(map(id, itertools.chain.from_iterable(state.values() if isinstance(state, dict) else (state,)
+                                                          for state in optimizer.state.values())))
         if key != self._bytes[0]:
             self._bytes = (key, state_bytes(optimizer))
         return self._bytes[1]
@@ -392,22 +402,30 @@ class Telemetry:
         acc, self._acc = self._acc or [], None
         sums: dict[str, list[float]] = {}  # unit: [grad^2, update^2, weight^2, n, lr, sum v, numel v]
         nonfinite: dict[str, list[str]] = {}
-        rows = torch.cat([stats.to(acc[0][1]) for _, stats, _, _ in acc]).tolist() if acc else []  # one host sync
-        ids = [pid for pids, _, lrs, counts in acc for pid in pids]
-        lrs = [lr for _, _, lr_list, _ in acc for lr in lr_list]
-        counts = [c for _, _, _, c_list in acc for c in c_list]
-        for pid, (g, u, w, v), lr, vn in zip(ids, rows, lrs, counts):
-            unit = self.units.get(pid, "other")
-            a = sums.setdefault(unit, [0.0] * 7)
-            for i, x in enumerate((g * g, u * u, w * w, 1, lr, v, vn)):
-                a[i] += x
-            if not math.isfinite(g):
-                nonfinite.setdefault(unit, []).append(self.param_names.get(pid, "?"))
+        tensors = [entry[1] for entry in acc if torch.is_tensor(entry[1])]
+        read = iter(torch.cat([t.to(tensors[0]) for t in tensors]).tolist() if tensors else ())  # one host sync
+        for pids, stats, lrs, counts, squared in acc:
+            for pid, (g2, u2, w2, v), lr, vn in zip(pids, read if torch.is_tensor(stats) else stats, lrs, counts):
+                if not squared:
+                    g2, u2, w2 = g2 * g2, u2 * u2, w2 * w2
+                unit = self.units.get(pid, "other")
+                a = sums.get(unit)
+                if a is None:
+                    a = sums[unit] = [0.0] * 7
+                a[0] += g2
+                a[1] += u2
+                a[2] += w2
+                a[3] += 1
+                a[4] += lr
+                a[5] += v
+                a[6] += vn
+                if not math.isfinite(g2):
+                    nonfinite.setdefault(unit, []).append(self.param_names.get(pid, "?"))
         units: dict[str, dict[str, float]] = {}
         for name, (g2, u2, w2, n, lr, v, vn) in sums.items():
-            w = math.sqrt(w2)
-            units[name] = {"grad_norm": math.sqrt(g2), "update_norm": math.sqrt(u2), "weight_norm": w,
-                           "update_ratio": math.sqrt(u2) / w if w > 0 else math.nan, "lr": lr / n}
+            g, u, w = (math.sqrt(x) if x > 0 else x for x in (g2, u2, w2))  # 0 and NaN as they are
+            units[name] = {"grad_norm": g, "update_norm": u, "weight_norm": w,
+                           "update_ratio": u / w if w > 0 else math.nan, "lr": lr / n}
             if vn:
                 units[name]["second_moment"] = math.sqrt(v / vn)
         record = {"step": self.steps, "state_bytes": self._state_bytes(optimizer),

@@ -486,9 +486,8 @@ class Optimizer(torch.optim.Optimizer):
             return False
         rows, names = done  # g^2 of the gradient as stored: recording steps unscale first (_inverse_scale)
         moments = [probe.second_moment_name(p, state) for p, state in zip(params, states)]
-        columns = [3 + names.index(m) if m in names else len(names) + 3 for m in moments]  # the last: zeros
-        rows = torch.cat([rows, rows.new_zeros(len(rows), 1)], dim=1)
-        sums = torch.cat([rows[:, :3], rows.gather(1, torch.tensor(columns).unsqueeze(1))], dim=1)
+        sums = [[*row[:3], row[3 + names.index(m)] if m in names else 0.0]  # a CPU tensor: read now, in Python
+                for row, m in zip(rows.tolist(), moments)]
         probe.add_sums(self, group, params, states, sums, moments)
         return True
 

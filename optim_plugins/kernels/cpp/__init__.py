@@ -70,8 +70,9 @@ def unavailable_reason() -> str | None:
 def _flags() -> list[str]:
     from torch.utils.cpp_extension import include_paths
 
-    # -fno-trapping-math lets GCC vectorize float selects and conversions (FP traps are never looked at)
-    return ["-fPIC", "-std=c++20", "-O2", "-fopenmp", "-fno-trapping-math",
+    # -fno-trapping-math lets GCC vectorize float selects and conversions (FP traps are never looked at);
+    # -O3 unswitches the step loops on their options (plain SGD with sums: 1.06x -> 1.02x torch's kernel)
+    return ["-fPIC", "-std=c++20", "-O3", "-fopenmp", "-fno-trapping-math",
             *CAPABILITY_FLAGS[torch.backends.cpu.get_cpu_capability()],
             *(flag for path in include_paths() for flag in ("-isystem", path))]
 
