@@ -269,6 +269,49 @@ def test_torch_fused_path_is_decided_per_parameter():
     assert torch.equal(small, alone) and torch.equal(small, ref)
 
 
+def test_step_counts_live_in_one_tensor_and_stay_per_parameter(tmp_path):
+    """A step's 0-d step counters are views into one tensor (one add_ counts the step), each parameter
+    keeping its own count: a parameter without a gradient is not counted (bias correction as torch's
+    AdamW, which counts per parameter), a checkpoint resumes through torch.load(weights_only=True), and
+    state_bytes_per_param gives every parameter its own 4 bytes of step."""
+    def params():
+        return make_params() + make_params(seed=1)
+
+    ours, theirs = params(), params()
+    opt = op.create_optimizer("adamw", ours, lr=0.05, weight_decay=0.1)
+    ref = torch.optim.AdamW(theirs, lr=0.05, weight_decay=0.1, foreach=False)
+
+    def run(steps, first, skip=None):
+        for i in range(first, first + steps):
+            for ps, o in ((ours, opt), (theirs, ref)):
+                set_grads(ps, i)
+                if skip is not None and i == skip:
+                    ps[1].grad = None
+                o.step()
+
+    run(3, 0, skip=1)
+    steps = [opt.state[p]["step"] for p in ours]
+    assert [s.dim() for s in steps] == [0] * 4 and [float(s) for s in steps] == [3.0, 2.0, 3.0, 3.0]
+    assert len({s.untyped_storage().data_ptr() for s in steps}) == 1  # the last step packed all four
+    for a, b in zip(ours, theirs):
+        torch.testing.assert_close(a, b)
+    n = [p.numel() for p in ours]
+    assert op.state_bytes_per_param(opt) == [8 * k + 4 for k in n] and op.state_bytes(opt) == sum(8 * k + 4 for k in n)
+
+    torch.save(opt.state_dict(), tmp_path / "opt.pt")
+    resumed_params = [torch.nn.Parameter(p.detach().clone()) for p in ours]
+    resumed = op.create_optimizer("adamw", resumed_params, lr=0.05, weight_decay=0.1)
+    resumed.load_state_dict(torch.load(tmp_path / "opt.pt", weights_only=True))
+    for i in (3, 4):
+        for ps, o in ((ours, opt), (resumed_params, resumed), (theirs, ref)):
+            set_grads(ps, i)
+            o.step()
+    assert [float(resumed.state[p]["step"]) for p in resumed_params] == [5.0, 4.0, 5.0, 5.0]
+    for a, b, c in zip(ours, resumed_params, theirs):
+        assert torch.equal(a, b)
+        torch.testing.assert_close(a, c)
+
+
 TRITON_SCRIPT = '''
 import torch, optim_plugins as op
 def make():

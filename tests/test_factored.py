@@ -67,6 +67,22 @@ def test_state_bytes_counts_a_shared_storage_once():
     assert state_bytes_per_param(opt) == [424]
 
 
+def test_state_bytes_per_param_counts_what_each_state_spans():
+    """Views of one tensor (the step counters the step keeps together) count with their own
+    parameter; a tensor two states share counts with the first; bytes of a storage no state spans
+    go with the first state holding it; the list adds up to state_bytes."""
+    ps = [torch.nn.Parameter(torch.zeros(4)) for _ in range(3)]
+    opt = torch.optim.SGD(ps, lr=0.1)
+    counters, shared, storage = torch.zeros(3), torch.zeros(5), torch.zeros(10)
+    opt.state[ps[0]] = {"step": counters[0], "s": shared}
+    opt.state[ps[1]] = {"step": counters[1], "v": storage[4:6]}
+    opt.state[ps[2]] = {"step": counters[2], "s": shared, "w": storage[5:7]}
+    # the second: its step, storage[4:6] and the 7 floats of storage no view spans; the third: its step
+    # and the one float of storage[5:7] that storage[4:6] does not span
+    assert state_bytes_per_param(opt) == [4 + 20, 4 + 8 + 28, 4 + 4]
+    assert state_bytes(opt) == 12 + 20 + 40
+
+
 # ----------------------------------------------------------------------------- adafactor
 
 
