@@ -19,6 +19,7 @@ GradScaler's loss scale inside the step (``_step_supports_amp_scaling``), state 
 from __future__ import annotations
 
 from collections import defaultdict
+from types import MappingProxyType
 from typing import Any, Callable, ClassVar, Iterable, Literal, Mapping, NamedTuple, Sequence
 
 import torch
@@ -170,6 +171,9 @@ class _BucketPlan(NamedTuple):
     in_place: bool  # no working copy to write back
 
 
+_NO_CODECS: Mapping[str, StateCodec] = MappingProxyType({})  # the codecs of a group that codes no state
+
+
 def _hidden(codecs: Mapping[str, StateCodec]) -> set[str]:
     """The state keys ``update`` does not see: the machinery's and the codecs' side tensors (absmax, ...)."""
     return {*MACHINERY_STATE, *(key for name, codec in codecs.items() for key in codec.keys(name)[1:])}
@@ -209,6 +213,7 @@ class Optimizer(torch.optim.Optimizer):
         options.update(common)
         self.skipped_steps = 0
         self._step_counters: dict[tuple, tuple] = {}  # _count_step's packed step tensors
+        self._numel: tuple[tuple, int] | None = None  # _total_numel's count and what it counted
         super().__init__(params, {**defaults, **options})
         if any(group["backend"] in ("compiled", "triton") for group in self.param_groups):
             self._step_supports_amp_scaling = True  # the fused step unscales and skips itself
@@ -381,18 +386,20 @@ class Optimizer(torch.optim.Optimizer):
 
     def _params_with_grad(self, group: Mapping[str, Any]) -> tuple[list[Tensor], list[Tensor]]:
         params, grads = [], []
+        elementwise = self.capabilities.elementwise
         for p in group["params"]:
-            if p.grad is None:
+            g = p.grad
+            if g is None:
                 continue
-            if p.grad.is_sparse:
+            if g.is_sparse:
                 raise RuntimeError(
                     f"{type(self).__name__} does not support sparse gradients (parameter of shape "
                     f"{tuple(p.shape)}); use a dense gradient, e.g. nn.Embedding(sparse=False)"
                 )
-            if p.is_complex() and not self.capabilities.elementwise:
+            if not elementwise and p.is_complex():
                 raise ValueError(f"{type(self).__name__} does not support complex parameters")
             params.append(p)
-            grads.append(p.grad)
+            grads.append(g)
         return params, grads
 
     def _skip_for_nonfinite(self, work: list) -> bool:
@@ -429,7 +436,7 @@ class Optimizer(torch.optim.Optimizer):
             for i, (p, state) in enumerate(zip(params, states)):
                 scalars = (steps[i], *(state[k].item() for k in scalar_names if k in state))
                 forms = tuple((k, c.loop_form()) for k, c in self._codecs(p, group, state).items()) if coded else ()
-                keyed[(p.device, p.dtype, p.is_complex(), scalars, forms)].append(i)
+                keyed[(p.device, p.dtype, scalars, forms)].append(i)  # complex parameters: complex dtypes
             buckets = []
             for key, index in keyed.items():
                 if any(form is None for _, form in key[-1]):  # states the loop cannot code (rank-1 4-bit) are
@@ -565,11 +572,20 @@ class Optimizer(torch.optim.Optimizer):
         if params and params[0].device.type == "cuda" and _triton_refusal(self, group, params) is None:
             return "triton"
         if params and all(p.device.type == "cpu" for p in params) and _unavailable("compiled") is None:
-            total = sum(p.numel() for g in self.param_groups for p in g["params"])
+            total = self._total_numel()
             if total >= COMPILE_THRESHOLD or (total >= LOOP_THRESHOLD  # the dtypes looked at only from there
                                               and compiled_kernels.loops_cover({p.dtype for p in params})):
                 return "compiled"
         return "foreach"
+
+    def _total_numel(self) -> int:
+        """Elements of every parameter of every group, counted again when a group or parameter is added
+        or removed (``backend_for`` asks at each step)."""
+        key = tuple(len(group["params"]) for group in self.param_groups)
+        known = self.__dict__.get("_numel")
+        if known is None or known[0] != key:
+            known = self.__dict__["_numel"] = (key, sum(p.numel() for g in self.param_groups for p in g["params"]))
+        return known[1]
 
     def describe_backend(self, group: Mapping[str, Any]) -> str:
         """What steps ``group`` now: a backend name, or "torch fused kernel" where ``backend="auto"``
@@ -644,7 +660,10 @@ class Optimizer(torch.optim.Optimizer):
         only through the compiled C++ loop that also sums (op.telemetry), returning its rows and the
         names of the state columns, or None with nothing changed."""
         fusable = [False] * len(params) if per_tensor else self._torch_fusable(group, params, states)
-        codecs = [self._codecs(p, group, s) for p, s in zip(params, states)]
+        if self._may_code(group):
+            codecs = [self._codecs(p, group, s) for p, s in zip(params, states)]
+        else:
+            codecs = [_NO_CODECS] * len(params)  # (allocating a dict per parameter costs GC passes)
         plan = self._plan(group, params, codecs, per_tensor, compile)
         summable = plan.coded_loop or (not any(codecs) and (plan.in_place or plan.folded))
         if with_sums and (any(fusable) or not summable):
