@@ -30,14 +30,15 @@ kernel for it (one extra reduction, no copy; :meth:`Telemetry.add_sums`): the Tr
 (``backend="triton"``); on CPU, for groups ``backend="auto"`` hands to torch's fused Adam/AdamW
 or SGD kernel, the C++ kernels of :mod:`optim_plugins.kernels.cpp` (the same bits as torch's), and
 for buckets of the compiled backend the twin of its C++ loop that sums (kernels/cpp/loops.py); a
-few percent of a 20M-parameter step, more for plain SGD (``benchmarks/telemetry.md``). Elsewhere
-(foreach, per-tensor optimizers, stochastic rounding) a recording step copies
-the stepped parameters once (the update is new minus old: an exact update norm needs the old
-values; on CPU the copy's memory is kept while the recorder is on, as fresh allocations there
-cost page faults), takes the norms as multi-tensor reductions (``torch._foreach_norm``; the
-update in place in the copy) and one sum of v per tensor, keeps them as tensors and syncs once
-per record. These are eager passes (about 36 bytes per parameter): recording every step adds about
-40% to a foreach AdamW step on a 2-core CPU; record every N steps to divide that by N.
+few percent of a 20M-parameter step (``benchmarks/telemetry.md``). Elsewhere (foreach, per-tensor
+optimizers, stochastic rounding) a recording step copies the stepped parameters once (the update is
+new minus old: an exact update norm needs the old values; on CPU the copy's memory is kept while the
+recorder is on, as fresh allocations there cost page faults). On CPU for fp32/fp64 parameters the
+copy is a C++ pass that also sums g^2 and p^2, and one more pass after the step sums (new - old)^2
+and v (about 20 bytes per parameter: +11-15% of a foreach AdamW step on a 2-core CPU); otherwise
+torch's passes take the norms (``torch._foreach_norm``; the update in place in the copy) and one
+sum of v per tensor (about 36 bytes per parameter). The sums stay tensors until the record (one
+host sync); record every N steps to divide the overhead by N.
 Optimizers on this package's base class are measured inside the step machinery (one
 attribute check per group step); any other ``torch.optim.Optimizer`` (torch.optim.*, the
 SAM/Lookahead wrappers) is measured by a step pre-/post-hook pair around the whole step:
@@ -64,6 +65,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
+from .kernels import cpp as cpp_kernels
 from .memory import state_bytes
 
 SECOND_MOMENT_KEYS = ("exp_avg_sq", "exp_avg_var", "square_avg", "sum", "v")
@@ -310,9 +312,10 @@ class Telemetry:
         self._record(optimizer)
 
     def before(self, optimizer: Any, group: Mapping[str, Any], params: list[Tensor], grads: list[Tensor],
-               states: list[Mapping[str, Any]]) -> tuple[list[Tensor], Tensor, Tensor]:
+               states: list[Mapping[str, Any]]) -> tuple[list[Tensor], Tensor, bool]:
         """Before a group's update: a copy of the parameters (their float32 value with Kahan
-        compensation), and the gradient and weight norms (tensors)."""
+        compensation), and per parameter the gradient's and the weight's sum of squares (the C++
+        copy that sums, on CPU; ``squared`` False: their norms, taken by torch)."""
         old, sources, copies = [], [], []
         for p, s in zip(params, states):
             comp = s.get("compensation") if isinstance(s, Mapping) else None
@@ -327,30 +330,42 @@ class Telemetry:
             old.append(copy)
             sources.append(p.detach())
             copies.append(copy)
+        if len(copies) == len(params):
+            sums = cpp_kernels.copy_with_sums(sources, copies, [g.detach() for g in grads])
+            if sums is not None:
+                return old, sums, True
         if copies:
             torch._foreach_copy_(copies, sources)
-        return old, _norms(grads), _norms(old)
+        grad_norms = _norms(grads)
+        return old, torch.stack([grad_norms, _norms(old).to(grad_norms.dtype)], dim=1), False
 
     def after(self, optimizer: Any, group: Mapping[str, Any], params: list[Tensor], states: list[Mapping[str, Any]],
-              before: tuple[list[Tensor], Tensor, Tensor]) -> None:
-        """After a group's update: update norms (old - new, in place in the copy) and second-moment
-        sums; kept as tensors, read once per record."""
+              before: tuple[list[Tensor], Tensor, bool]) -> None:
+        """After a group's update: update norms (new - old; by the torch path in place in the copy) and
+        second-moment sums; kept as tensors, read once per record."""
         if self._acc is None:
             return
-        old, grad_norms, weight_norms = before
+        old, pre, squared = before
+        moments = [_second_moment(p, s) for p, s in zip(params, states)]
+        counts = [0 if v is None else p.numel() for p, v in zip(params, moments)]
+        if squared:  # the copies are ours and plain: the change and v summed in one pass
+            post = cpp_kernels.change_sums(old, [p.detach() for p in params],
+                                           [None if v is None else v.detach() for v in moments])
+            if post is not None:
+                stats = torch.stack([pre[:, 0], post[:, 0], pre[:, 1], post[:, 1]], dim=1)
+                self._keep(optimizer, group, params, states, stats, counts)
+                return
+            pre, squared = pre.sqrt(), False
         new = []
         for p, s in zip(params, states):
             comp = s.get("compensation") if isinstance(s, Mapping) else None
             new.append(p.detach().float() + comp if torch.is_tensor(comp) else p.detach())
         torch._foreach_sub_([_real(o) for o in old], [_real(n) for n in new])  # old is our own copy
         update_norms = _norms(old)
-        sums, counts = [], []
-        for p, s in zip(params, states):
-            v = _second_moment(p, s)
-            sums.append(torch.zeros((), dtype=update_norms.dtype, device=update_norms.device) if v is None else
-                        v.detach().sum(dtype=torch.float32 if v.dtype in (torch.bfloat16, torch.float16) else None))
-            counts.append(0 if v is None else p.numel())
-        stats = torch.stack([grad_norms, update_norms, weight_norms.to(update_norms.dtype),
+        sums = [torch.zeros((), dtype=update_norms.dtype, device=update_norms.device) if v is None else
+                v.detach().sum(dtype=torch.float32 if v.dtype in (torch.bfloat16, torch.float16) else None)
+                for v in moments]
+        stats = torch.stack([pre[:, 0].to(update_norms), update_norms, pre[:, 1].to(update_norms),
                              torch.stack([t.to(update_norms) for t in sums])], dim=1)
         self._keep(optimizer, group, params, states, stats, counts, squared=False)  # squared in double at the record
 

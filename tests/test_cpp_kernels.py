@@ -127,6 +127,40 @@ def test_tensors_it_cannot_take_are_refused_without_a_change():
         assert all(torch.equal(a, b) for a, b in zip(copy, params))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_copy_and_change_sums_around_a_step(dtype):
+    """The copy path's two passes: an exact copy with sum g^2 and sum p^2, then sum (new - old)^2 and
+    sum v (0 where a tensor has none), against float64 sums written out here."""
+    p, g, _, v, _, _ = tensors(dtype)
+    copies = [torch.full_like(t, float("nan")) for t in p]
+    before = cpp_kernels.copy_with_sums(p, copies, g)
+    assert all(torch.equal(c, t) for c, t in zip(copies, p))
+    new = [t - 0.01 * x for t, x in zip(p, g)]
+    moments = [None if i % 2 else x for i, x in enumerate(v)]
+    after = cpp_kernels.change_sums(copies, new, moments)
+    tol = dict(rtol=1e-5 if dtype == torch.float32 else 1e-12, atol=0)
+    written = [[float((x.double() ** 2).sum()), float((t.double() ** 2).sum())] for x, t in zip(g, p)]
+    torch.testing.assert_close(before, torch.tensor(written, dtype=torch.float64), **tol)
+    written = [[float(((n - o).double() ** 2).sum()), 0.0 if m is None else float(m.double().sum())]
+               for n, o, m in zip(new, p, moments)]
+    torch.testing.assert_close(after, torch.tensor(written, dtype=torch.float64), **tol)
+
+
+def test_copy_and_change_sums_refuse_what_they_cannot_take():
+    """Tensors outside the kernels (bf16, not contiguous, a second moment of another dtype) come back
+    as None with nothing written; a size mismatch the Python check cannot see raises before a copy."""
+    p, g, _, v, _, _ = tensors(torch.float32)
+    strided = torch.randn(8, 4)[:, ::2]
+    copy = torch.zeros(8, 2)
+    assert cpp_kernels.copy_with_sums([strided], [copy], [torch.ones(8, 2)]) is None and not copy.any()
+    assert cpp_kernels.copy_with_sums([p[0].bfloat16()], [p[0].bfloat16()], [g[0].bfloat16()]) is None
+    assert cpp_kernels.change_sums(p, p, [x.double() for x in v]) is None
+    copies = [torch.zeros_like(t) for t in p]
+    with pytest.raises(RuntimeError, match="tensor 2 is not a contiguous CPU tensor of its parameter's dtype and size"):
+        cpp_kernels.copy_with_sums(p, copies, g[:2] + [g[3]] + g[3:])
+    assert not any(c.any() for c in copies)
+
+
 def model():
     torch.manual_seed(0)
     return nn.Sequential(nn.Linear(16, 32), nn.LayerNorm(32), nn.Linear(32, 3))

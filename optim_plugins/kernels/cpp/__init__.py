@@ -1,6 +1,7 @@
 """C++ CPU kernels, built on first use: where torch's fused kernels are closed to us or eager code is slow.
 
-* ``step_sums.cpp``: the Adam/AdamW and SGD steps with ``op.telemetry``'s sums in one pass.
+* ``step_sums.cpp``: the Adam/AdamW and SGD steps with ``op.telemetry``'s sums in one pass (and,
+  for steps that cannot sum themselves, a copy that sums g^2 and p^2 and a pass that sums the change).
   Without it a recording step on torch's fused kernels copies the parameters and takes norms
   afterwards (about 36 extra bytes per parameter, 2-3x the step). Each is ATen's fused update (what
   ``torch._fused_adam(w)_`` / ``torch._fused_sgd_`` run), operation for operation, so a recording
@@ -192,6 +193,30 @@ def sgd_step_with_sums(params: list[Tensor], grads: list[Tensor], momentum_buffe
     torch.ops.optim_plugins.sgd_step_with_sums(params, grads, momentum_buffers, steps, weight_decay, momentum, lr,
                                                dampening, nesterov, maximize, grad_scale, sums)
     return True
+
+
+def copy_with_sums(params: list[Tensor], copies: list[Tensor], grads: list[Tensor]) -> Tensor | None:
+    """``copies[i].copy_(params[i])`` and, in the same pass, per tensor (float64 rows) sum g^2 and sum
+    p^2: what op.telemetry takes before a step that cannot sum itself. None, with nothing written,
+    where the kernel cannot take these tensors."""
+    if not (params and _takes(params, (copies, grads), None)):
+        return None
+    sums = torch.empty(len(params), 2, dtype=torch.float64)
+    torch.ops.optim_plugins.copy_with_sums(params, copies, grads, sums)
+    return sums
+
+
+def change_sums(olds: list[Tensor], news: list[Tensor], second_moments: list[Tensor | None]) -> Tensor | None:
+    """Per tensor (float64 rows) sum (new - old)^2 and the sum of its second moment (0 where None),
+    in one pass: op.telemetry after such a step. None where the kernel cannot take these tensors."""
+    moments = [_NONE if v is None else v for v in second_moments]
+    if not (news and _takes(news, (olds,), None)
+            and all(v is _NONE or (v.dtype == p.dtype and v.is_contiguous() and v.device.type == "cpu")
+                    for v, p in zip(moments, news))):
+        return None
+    sums = torch.empty(len(news), 2, dtype=torch.float64)
+    torch.ops.optim_plugins.change_sums(olds, news, moments, sums)
+    return sums
 
 
 def _takes(params: list[Tensor], others: tuple[list[Tensor], ...], grad_scale: Tensor | None) -> bool:
