@@ -95,10 +95,6 @@ def _real(t: Tensor) -> Tensor:
     return torch.view_as_real(t) if t.is_complex() else t
 
 
-def _same(t: Tensor) -> Tensor:
-    return t
-
-
 def _unavailable(backend: str) -> str | None:
     """Why ``backend`` cannot run in this process (None: it can)."""
     if backend == "compiled":
@@ -149,11 +145,14 @@ def _bucket(work: list[Tensor], grads: list[Tensor], views: list[dict[str, Any]]
             ) -> tuple[TensorList, TensorList, dict[str, Any], dict[str, list[Tensor]], dict[str, Any]]:
     """A bucket as ``update`` takes it (p, g and the state of TensorLists) and as the compiled backend
     takes it: the parameter-shaped states (``arrays``) apart from the rest (0-d states, Python values)."""
-    real = _real if work[0].is_complex() else _same  # a bucket is complex or real throughout (step_group's key)
-    p = TensorList(real(t) for t in work)
-    g = TensorList(real(t) for t in grads)
-    state = {k: TensorList(real(s[k]) if _is_array(s[k]) else s[k] for s in views) if torch.is_tensor(views[0][k])
-             else views[0][k] for k in views[0]}
+    names = [k for k in views[0] if k not in MACHINERY_STATE]  # (uncoded states come as they are stored)
+    if work[0].is_complex():  # a bucket is complex or real throughout (step_group's key)
+        p, g = TensorList(map(_real, work)), TensorList(map(_real, grads))
+        state = {k: TensorList(_real(s[k]) if _is_array(s[k]) else s[k] for s in views)
+                 if torch.is_tensor(views[0][k]) else views[0][k] for k in names}
+    else:
+        p, g = TensorList(work), TensorList(grads)
+        state = {k: TensorList([s[k] for s in views]) if torch.is_tensor(views[0][k]) else views[0][k] for k in names}
     arrays = {k: v.tensors for k, v in state.items() if isinstance(v, TensorList) and _is_array(views[0][k])}
     return p, g, state, arrays, {k: v for k, v in state.items() if k not in arrays}
 
@@ -180,9 +179,10 @@ def _hidden(codecs: Mapping[str, StateCodec]) -> set[str]:
 
 
 def _decoded(state: Mapping[str, Any], codecs: Mapping[str, StateCodec], dtype: torch.dtype) -> dict[str, Any]:
-    """The state ``update`` sees: machinery entries left out, coded states decoded to ``dtype``."""
+    """The state ``update`` sees: machinery entries left out, coded states decoded to ``dtype``; without
+    codecs the state itself (its machinery entries are left out where it is read: no dict per parameter)."""
     if not codecs:
-        return {k: v for k, v in state.items() if k not in MACHINERY_STATE}
+        return state
     hidden = _hidden(codecs)
     return {k: codecs[k].decode(k, state, dtype) if k in codecs else v for k, v in state.items() if k not in hidden}
 
@@ -707,7 +707,7 @@ class Optimizer(torch.optim.Optimizer):
             grads = [g.float() for g in grads]
         views = [_decoded(s, c, w.dtype) for s, c, w in zip(states, codecs, work)]
         if per_tensor:
-            names = list(views[0])
+            names = [k for k in views[0] if k not in MACHINERY_STATE]
             p, g = _real(work[0]), _real(grads[0])
             state = {k: _real(views[0][k]) if _is_array(views[0][k]) else views[0][k] for k in names}
             self.update(p, self._prologue(group, inv_scale)(p, g), state, group, step)

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import itertools
 import subprocess
 from pathlib import Path
 from typing import NamedTuple, Sequence
@@ -194,8 +195,8 @@ class LoopStep:
         return partial.sum(0)
 
     def _arguments(self, inputs: Sequence[Sequence[Tensor]], scalars: Sequence[float]) -> tuple:
-        pointers = (ctypes.c_void_p * (len(inputs) * self.slots))(*(t.data_ptr() for ts in inputs for t in ts))
-        sizes = (ctypes.c_int64 * len(inputs))(*(ts[0].numel() for ts in inputs))
+        pointers = (ctypes.c_void_p * (len(inputs) * self.slots))(*map(Tensor.data_ptr, itertools.chain.from_iterable(inputs)))
+        sizes = (ctypes.c_int64 * len(inputs))(*map(Tensor.numel, next(zip(*inputs), ())))
         values = (ctypes.c_double * max(len(scalars), 1))(*scalars)
         return len(inputs), pointers, sizes, values, torch.get_num_threads(), self._map_pointers
 
