@@ -26,6 +26,7 @@ quantize.cpp uses, so the bytes are those of the three separate passes).
 """
 from __future__ import annotations
 
+import array
 import ctypes
 import functools
 import itertools
@@ -195,8 +196,12 @@ class LoopStep:
         return partial.sum(0)
 
     def _arguments(self, inputs: Sequence[Sequence[Tensor]], scalars: Sequence[float]) -> tuple:
-        pointers = (ctypes.c_void_p * (len(inputs) * self.slots))(*map(Tensor.data_ptr, itertools.chain.from_iterable(inputs)))
-        sizes = (ctypes.c_int64 * len(inputs))(*map(Tensor.numel, next(zip(*inputs), ())))
+        # filled by array.array (C loops; a ctypes array takes its values one Python call each), then
+        # seen as ctypes arrays over the same memory, which keep it alive through the call
+        addresses = array.array("q", map(Tensor.data_ptr, itertools.chain.from_iterable(inputs)))
+        numels = array.array("q", map(Tensor.numel, next(zip(*inputs), ())))
+        pointers = (ctypes.c_void_p * len(addresses)).from_buffer(addresses)
+        sizes = (ctypes.c_int64 * len(numels)).from_buffer(numels)
         values = (ctypes.c_double * max(len(scalars), 1))(*scalars)
         return len(inputs), pointers, sizes, values, torch.get_num_threads(), self._map_pointers
 
