@@ -20,9 +20,9 @@ reference backend to fp32 rounding (bf16 rounding where states or parameters are
 are rounded to the work type once per step, as the compiled path does.
 
 Two things besides the update can live in the same pass: a bf16 parameter's Kahan compensation
-(read with it, written after it) and 8/4-bit block-wise states (``Coded`` slots: decoded into a
-stack buffer before each block's update and coded after it by ``codec.h``, the coding
-quantize.cpp uses, so the bytes are those of the three separate passes).
+(read with it, written after it) and 8/4-bit block-wise states (``Coded`` slots: the blocks of a run
+of ``RUN`` elements decoded into a stack buffer before the run's update and coded after it by
+``codec.h``, the coding quantize.cpp uses, so the bytes are those of the three separate passes).
 """
 from __future__ import annotations
 
@@ -42,6 +42,7 @@ from . import CAPABILITY_FLAGS, _cached_library, _compiler, unavailable_reason
 __all__ = ["loop_for", "covers", "Coded", "LoopStep"]
 
 _HERE = Path(__file__).parent  # codec.h
+RUN = 1024  # elements a loop with sums or coded states runs at a time (coded: whole blocks; see _BLOCK_LOOP)
 # per slot dtype: how it is stored, the type the loop computes in, how it is loaded and stored
 _C_TYPES = {torch.float32: "float", torch.float64: "double", torch.bfloat16: "uint16_t"}
 _WORK_TYPES = {torch.float32: "float", torch.float64: "double", torch.bfloat16: "float"}
@@ -92,7 +93,7 @@ static inline T clamp_min(T x, T m) {{ return (x < m || m != m) ? m : x; }}
 static inline T clamp_max(T x, T m) {{ return (x > m || m != m) ? m : x; }}
 static inline T maximum(T a, T b) {{ return (a < b || b != b) ? b : a; }}
 
-constexpr int64_t SLOTS = {slots}, SUMS = {sums}, LINE = {line}, MIN_SHARE = 4096, BLOCK = {block};  // elements
+constexpr int64_t SLOTS = {slots}, SUMS = {sums}, LINE = {line}, MIN_SHARE = 4096, BLOCK = {block}, GROUP = {group};  // elements
 {codec}
 extern "C" void step(int64_t n, void* const* ptrs, const int64_t* sizes, const double* scalars, int threads,
                      const void* const* maps) {{
@@ -104,7 +105,7 @@ extern "C" void step(int64_t n, void* const* ptrs, const int64_t* sizes, const d
 
 // The same step, also writing each thread's sums over its share of tensor t to
 // partial[(thread * n + t) * SUMS + k]: g^2 (the gradient slot as stored), (new p - old p)^2, old p^2,
-// and the new value of each state slot. Summed in T over blocks of BLOCK elements, in double across them.
+// and the new value of each state slot. Summed in T over runs of GROUP elements, in double across them.
 extern "C" void step_sums(int64_t n, void* const* ptrs, const int64_t* sizes, const double* scalars, int threads,
                           const void* const* maps, double* partial) {{
 {constants}
@@ -123,13 +124,15 @@ _STEP_LOOP = """\
 {body}
     }}"""
 
-# With sums, or with coded states: block by block (BLOCK elements: a coded block; else a run of float sums).
+# With sums, or with coded states: GROUP elements at a time (a run of float sums; coded: whole blocks of
+# BLOCK elements, decoded before the run and coded after it). Each run's sums end in a horizontal add
+# per sum: runs of 1024 elements rather than one 256-element block cost a third of the sums' time.
 _BLOCK_LOOP = """\
-    for (int64_t block = begin; block < end; block += BLOCK) {{
-      const int64_t stop = block + BLOCK < end ? block + BLOCK : end;
+    for (int64_t group = begin; group < end; group += GROUP) {{
+      const int64_t stop = group + GROUP < end ? group + GROUP : end;
 {decode}{accumulators}
       #pragma omp simd{reduction}
-      for (int64_t d = block; d < stop; ++d) {{
+      for (int64_t d = group; d < stop; ++d) {{
 {body}{summed}
       }}
 {totals}{encode}
@@ -221,16 +224,17 @@ def source(program: tuple, mutated: tuple, dtypes: Sequence[torch.dtype], n_scal
     a tensor) is added to it when read and holds what rounding the new value into it lost when
     written: precision.working_copy and write_back, in the same pass.
 
-    ``coded``: float32 state slots kept block-wise in 8/4 bits: the loop runs block by block,
-    decoding a block's codes into a stack buffer, computing the program on it and coding the new
-    values back (its absmax first), so the states never exist in fp32 outside the cache. The bytes
+    ``coded``: float32 state slots kept block-wise in 8/4 bits: the loop runs ``RUN`` elements (whole
+    blocks) at a time, decoding their codes into a stack buffer, computing the program on it and coding
+    the new values back block by block (each block's absmax first), so the states never exist in fp32
+    outside the cache. The bytes
     are those of decoding, stepping and coding in three passes (codec.h, which quantize.cpp uses too).
     """
     work = {_WORK_TYPES.get(dtype) for dtype in dtypes}
     if len(work) != 1 or None in work or (kahan and dtypes[0] != torch.bfloat16):
         return None
     ctype = work.pop()
-    block = 1024  # the run of float sums in step_sums; with coded slots, their block
+    block = RUN  # the run of float sums in step_sums; with coded slots, their block
     if coded:
         if (len({c.block_size for c in coded}) != 1
                 or any(c.slot < 2 or dtypes[c.slot] != torch.float32 or c.bits not in (4, 8) for c in coded)):
@@ -240,7 +244,7 @@ def source(program: tuple, mutated: tuple, dtypes: Sequence[torch.dtype], n_scal
             return None
     by_slot = {c.slot: c for c in coded}
     names = [f"s{slot}" for slot in range(len(dtypes))]  # the current value of each slot, by name
-    body = [f"        const T s{slot} = " + (f"decoded{slot}[d - block];" if slot in by_slot else
+    body = [f"        const T s{slot} = " + (f"decoded{slot}[d - group];" if slot in by_slot else
                                               f"{_LOAD[dtype].format(f'p{slot}[d]')};")
             for slot, dtype in enumerate(dtypes)]
     compensation = len(dtypes) + len(coded)  # its pointer's index (kahan): after the coded slots' absmax
@@ -268,7 +272,7 @@ def source(program: tuple, mutated: tuple, dtypes: Sequence[torch.dtype], n_scal
         else:
             names.append(f"v{index}")
     stored = [slot for slot in mutated if not (kahan and slot == 0)]
-    body += [f"        new{slot}[d - block] = {names[slot]};" if slot in by_slot else
+    body += [f"        new{slot}[d - group] = {names[slot]};" if slot in by_slot else
              f"        p{slot}[d] = {_STORE[dtypes[slot]].format(names[slot])};" for slot in stored]
     if kahan:  # p <- round(new); compensation <- round(new - p)
         body += [f"        const uint16_t rounded = bf16_bits({names[0]});", "        p0[d] = rounded;",
@@ -287,12 +291,17 @@ def source(program: tuple, mutated: tuple, dtypes: Sequence[torch.dtype], n_scal
     tables = [f"  const float* const values{c.slot} = static_cast<const float*>(maps[{2 * j}]);\n"
               f"  const int32_t* const table{c.slot} = static_cast<const int32_t*>(maps[{2 * j + 1}]);"
               for j, c in enumerate(coded)]
-    decode = "".join(f"      alignas(64) float decoded{c.slot}[BLOCK], new{c.slot}[BLOCK];\n"
-                     f"      codec::decode<{c.bits}>(p{c.slot}, block, stop - block, p{absmax[c.slot]}[block / BLOCK], "
-                     f"values{c.slot}, decoded{c.slot});\n" for c in coded)
-    encode = "".join(f"\n      codec::code_block<{c.bits}, {str(c.positive_not_zero).lower()}>(new{c.slot}, block, "
-                     f"stop - block, table{c.slot}, p{c.slot}, p{absmax[c.slot]} + block / BLOCK);"
+    each_block = ("      for (int64_t block = group; block < stop; block += BLOCK) {{\n"
+                  "        const int64_t count = block + BLOCK < stop ? BLOCK : stop - block;\n{}      }}\n")
+    decode = "".join(f"      alignas(64) float decoded{c.slot}[GROUP], new{c.slot}[GROUP];\n" for c in coded)
+    if coded:
+        decode += each_block.format("".join(
+            f"        codec::decode<{c.bits}>(p{c.slot}, block, count, p{absmax[c.slot]}[block / BLOCK], "
+            f"values{c.slot}, decoded{c.slot} + (block - group));\n" for c in coded))
+    encode = "".join(f"        codec::code_block<{c.bits}, {str(c.positive_not_zero).lower()}>(new{c.slot} + (block - group), "
+                     f"block, count, table{c.slot}, p{c.slot}, p{absmax[c.slot]} + block / BLOCK);\n"
                      for c in coded if c.slot in stored)
+    encode = "\n" + each_block.format(encode).rstrip("\n") if encode else ""
     blocks = dict(decode=decode, encode=encode, body="\n".join(body))
     no_sums = dict(accumulators="", reduction="", summed="", totals="")
     with_sums = dict(accumulators="      " + " ".join(f"T a{k} = 0;" for k in sums),
@@ -300,6 +309,7 @@ def source(program: tuple, mutated: tuple, dtypes: Sequence[torch.dtype], n_scal
                      summed="\n" + "\n".join(summed), totals="\n".join(f"      total[{k}] += a{k};" for k in sums))
     return _PRELUDE.format(
         ctype=ctype, slots=len(c_types), sums=3 + slots - 2, line=block if coded else 64, block=block,
+        group=max(block, RUN),
         codec=_CODEC if coded else "", shares=_SHARES,
         constants="\n".join([*(f"  const T c{i} = T(scalars[{i}]);" for i in range(n_scalars)), *tables]),
         pointers="\n".join(pointers),
