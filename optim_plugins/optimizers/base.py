@@ -506,7 +506,8 @@ class Optimizer(torch.optim.Optimizer):
             p, g, s = _pick(chosen, *bucket)
             sums = torch.zeros(len(p), 4, dtype=torch.float64, device=p[0].device)
             if self.fused_step_with_sums(group, p, g, s, self._torch_grad_scale(inv_scale, p), sums):
-                probe.add_sums(self, group, p, s, sums)
+                # the states torch's fused kernel takes have one layout (plain, the same keys): one name
+                probe.add_sums(self, group, p, s, sums, [probe.second_moment_name(p[0], s[0])] * len(p))
                 index = [i for i, f in zip(index, fusable) if not f]
         if index and backend == "compiled" and self._compiled_step_with_sums(
                 group, *_pick(index, params, grads, states), inv_scale, probe):

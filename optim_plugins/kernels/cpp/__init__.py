@@ -25,6 +25,8 @@ from __future__ import annotations
 import contextlib
 import functools
 import hashlib
+import itertools
+import operator
 import os
 import shutil
 import subprocess
@@ -40,6 +42,8 @@ from torch import Tensor
 SOURCES = sorted(Path(__file__).parent.glob("*.cpp"))
 HEADERS = sorted(Path(__file__).parent.glob("*.h"))  # codec.h: also included by the generated loops
 DTYPES = (torch.float32, torch.float64)
+DTYPES_SET = frozenset(DTYPES)
+_IS_CPU = operator.attrgetter("is_cpu")
 # the flags ATen compiles its kernels for each CPU capability with (the vector code must match theirs)
 CAPABILITY_FLAGS = {
     "AVX2": ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY_AVX2", "-DCPU_CAPABILITY=AVX2"],
@@ -223,9 +227,9 @@ def _takes(params: list[Tensor], others: tuple[list[Tensor], ...], grad_scale: T
     """Whether the step-with-sums kernels can take these tensors (and are built): contiguous CPU
     float32/float64 parameters; the other tensors are checked like their parameter in C++, before
     any change."""
-    if not all(p.device.type == "cpu" and p.dtype in DTYPES for p in params):
+    if not (all(map(_IS_CPU, params)) and {p.dtype for p in params} <= DTYPES_SET):
         return False
-    if not all(t.is_contiguous() for ts in (params, *others) for t in ts):
+    if not all(map(Tensor.is_contiguous, itertools.chain(params, *others))):  # (map: a recording step asks)
         return False
     if grad_scale is not None and (grad_scale.device.type != "cpu" or grad_scale.dtype != torch.float32):
         return False
