@@ -2,7 +2,8 @@
 
 Counts the bytes of every tensor in ``optimizer.state`` (also inside lists, tuples and
 dicts there), each storage once: views and tensors shared between parameters are not
-counted twice; per parameter, each counts the bytes its tensors span. Parameters and gradients are not state and are not counted.
+counted twice; per parameter, each counts the bytes its tensors span. Parameters and gradients are
+not state and are not counted.
 """
 from __future__ import annotations
 

@@ -35,7 +35,7 @@ optimizers, stochastic rounding) a recording step copies the stepped parameters 
 new minus old: an exact update norm needs the old values; on CPU the copy's memory is kept while the
 recorder is on, as fresh allocations there cost page faults). On CPU for fp32/fp64 parameters the
 copy is a C++ pass that also sums g^2 and p^2, and one more pass after the step sums (new - old)^2
-and v (about 20 bytes per parameter: +11-15% of a foreach AdamW step on a 2-core CPU); otherwise
+and v (about 20 bytes per parameter: +11-21% of a foreach AdamW step on a 2-core CPU); otherwise
 torch's passes take the norms (``torch._foreach_norm``; the update in place in the copy) and one
 sum of v per tensor (about 36 bytes per parameter). The sums stay tensors until the record (one
 host sync); record every N steps to divide the overhead by N.

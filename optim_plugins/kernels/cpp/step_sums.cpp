@@ -333,8 +333,9 @@ void check_like(const char* name, const std::vector<at::Tensor>& params,
   for (const auto* list : others) TORCH_CHECK(list->size() == n, name, ": lists of different lengths");
   for (size_t i = 0; i < n; ++i) {
     const at::Tensor& p = params[i];
-    TORCH_CHECK(p.is_contiguous() && p.device().is_cpu() && (p.scalar_type() == at::kFloat || p.scalar_type() == at::kDouble),
-                name, ": tensor ", i, " is not a contiguous CPU float32/float64 tensor");
+    const bool floating = p.scalar_type() == at::kFloat || p.scalar_type() == at::kDouble;
+    TORCH_CHECK(p.is_contiguous() && p.device().is_cpu() && floating, name, ": tensor ", i,
+                " is not a contiguous CPU float32/float64 tensor");
     for (const auto* list : others) {
       const at::Tensor& t = (*list)[i];
       TORCH_CHECK(t.numel() == 0 || (t.is_contiguous() && t.scalar_type() == p.scalar_type() && t.numel() == p.numel()
