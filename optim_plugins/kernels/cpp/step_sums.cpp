@@ -345,6 +345,29 @@ void check_like(const char* name, const std::vector<at::Tensor>& params,
   }
 }
 
+// Two sums over a tensor's elements on ATen's threads, written to out[0] and out[1]: vector(d, first,
+// second) for the vector at element d (accumulating into two vectors, summed in scalar_t over 256
+// vectors, then in double), scalar(d, sums) for each element of a range's tail.
+template <typename scalar_t, typename Vector, typename Scalar>
+void two_sums(int64_t numel, double* out, const Vector& vector, const Scalar& scalar) {
+  using Vec = at::vec::Vectorized<scalar_t>;
+  Sums total{0, 0, 0, 0};
+  over_ranges<scalar_t>(numel, total.data(), [&](int64_t at, int64_t size, Sums& sum) {
+    const int64_t vector_end = size - size % Vec::size();
+    int64_t d = 0;
+    while (d < vector_end) {
+      const int64_t block_end = std::min(vector_end, d + 256 * Vec::size());
+      Vec first(0), second(0);
+      for (; d < block_end; d += Vec::size()) vector(at + d, first, second);
+      sum[0] += sum_lanes(first);
+      sum[1] += sum_lanes(second);
+    }
+    for (; d < size; ++d) scalar(at + d, sum);
+  });
+  out[0] = total[0];
+  out[1] = total[1];
+}
+
 void copy_with_sums(const std::vector<at::Tensor>& params, const std::vector<at::Tensor>& copies,
                     const std::vector<at::Tensor>& grads, at::Tensor sums) {
   check_like("copy_with_sums", params, {&copies, &grads}, sums, 2);
@@ -358,29 +381,19 @@ void copy_with_sums(const std::vector<at::Tensor>& params, const std::vector<at:
       const scalar_t* p = params[i].data_ptr<scalar_t>();
       const scalar_t* g = grads[i].data_ptr<scalar_t>();
       scalar_t* copy = copies[i].data_ptr<scalar_t>();
-      Sums total{0, 0, 0, 0};
-      over_ranges<scalar_t>(params[i].numel(), total.data(), [&](int64_t at, int64_t size, Sums& sum) {
-        int64_t d = 0;
-        for (; d + Vec::size() <= size;) {
-          const int64_t block_end = std::min(size - size % Vec::size(), d + 256 * Vec::size());
-          Vec acc_g(0), acc_p(0);
-          for (; d < block_end; d += Vec::size()) {
-            const Vec value = Vec::loadu(p + at + d), grad = Vec::loadu(g + at + d);
-            value.store(copy + at + d);
-            acc_p = at::vec::fmadd(value, value, acc_p);
+      two_sums<scalar_t>(
+          params[i].numel(), out + 2 * i,
+          [&](int64_t d, Vec& acc_g, Vec& acc_p) __attribute__((always_inline)) {
+            const Vec value = Vec::loadu(p + d), grad = Vec::loadu(g + d);
+            value.store(copy + d);
             acc_g = at::vec::fmadd(grad, grad, acc_g);
-          }
-          sum[0] += sum_lanes(acc_g);
-          sum[1] += sum_lanes(acc_p);
-        }
-        for (; d < size; ++d) {
-          copy[at + d] = p[at + d];
-          sum[0] += double(g[at + d]) * double(g[at + d]);
-          sum[1] += double(p[at + d]) * double(p[at + d]);
-        }
-      });
-      out[2 * i] = total[0];
-      out[2 * i + 1] = total[1];
+            acc_p = at::vec::fmadd(value, value, acc_p);
+          },
+          [&](int64_t d, Sums& sum) __attribute__((always_inline)) {
+            copy[d] = p[d];
+            sum[0] += double(g[d]) * double(g[d]);
+            sum[1] += double(p[d]) * double(p[d]);
+          });
     });
   }
 }
@@ -397,28 +410,18 @@ void change_sums(const std::vector<at::Tensor>& olds, const std::vector<at::Tens
       const scalar_t* old = olds[i].data_ptr<scalar_t>();
       const scalar_t* now = news[i].data_ptr<scalar_t>();
       const scalar_t* v = second_moments[i].numel() ? second_moments[i].data_ptr<scalar_t>() : nullptr;
-      Sums total{0, 0, 0, 0};
-      over_ranges<scalar_t>(news[i].numel(), total.data(), [&](int64_t at, int64_t size, Sums& sum) {
-        int64_t d = 0;
-        for (; d + Vec::size() <= size;) {
-          const int64_t block_end = std::min(size - size % Vec::size(), d + 256 * Vec::size());
-          Vec acc_u(0), acc_v(0);
-          for (; d < block_end; d += Vec::size()) {
-            const Vec change = Vec::loadu(now + at + d) - Vec::loadu(old + at + d);
+      two_sums<scalar_t>(
+          news[i].numel(), out + 2 * i,
+          [&](int64_t d, Vec& acc_u, Vec& acc_v) __attribute__((always_inline)) {
+            const Vec change = Vec::loadu(now + d) - Vec::loadu(old + d);
             acc_u = at::vec::fmadd(change, change, acc_u);
-            if (v) acc_v = acc_v + Vec::loadu(v + at + d);
-          }
-          sum[0] += sum_lanes(acc_u);
-          sum[1] += sum_lanes(acc_v);
-        }
-        for (; d < size; ++d) {
-          const double change = double(now[at + d] - old[at + d]);
-          sum[0] += change * change;
-          if (v) sum[1] += double(v[at + d]);
-        }
-      });
-      out[2 * i] = total[0];
-      out[2 * i + 1] = total[1];
+            if (v) acc_v = acc_v + Vec::loadu(v + d);
+          },
+          [&](int64_t d, Sums& sum) __attribute__((always_inline)) {
+            const double change = double(now[d] - old[d]);
+            sum[0] += change * change;
+            if (v) sum[1] += double(v[d]);
+          });
     });
   }
 }
