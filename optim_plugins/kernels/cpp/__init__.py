@@ -41,8 +41,7 @@ from torch import Tensor
 
 SOURCES = sorted(Path(__file__).parent.glob("*.cpp"))
 HEADERS = sorted(Path(__file__).parent.glob("*.h"))  # codec.h: also included by the generated loops
-DTYPES = (torch.float32, torch.float64)
-DTYPES_SET = frozenset(DTYPES)
+DTYPES = frozenset((torch.float32, torch.float64))
 _IS_CPU = operator.attrgetter("is_cpu")
 # the flags ATen compiles its kernels for each CPU capability with (the vector code must match theirs)
 CAPABILITY_FLAGS = {
@@ -227,7 +226,7 @@ def _takes(params: list[Tensor], others: tuple[list[Tensor], ...], grad_scale: T
     """Whether the step-with-sums kernels can take these tensors (and are built): contiguous CPU
     float32/float64 parameters; the other tensors are checked like their parameter in C++, before
     any change."""
-    if not (all(map(_IS_CPU, params)) and {p.dtype for p in params} <= DTYPES_SET):
+    if not (all(map(_IS_CPU, params)) and {p.dtype for p in params} <= DTYPES):
         return False
     if not all(map(Tensor.is_contiguous, itertools.chain(params, *others))):  # (map: a recording step asks)
         return False

@@ -38,28 +38,43 @@ double sum_lanes(at::vec::Vectorized<scalar_t> acc) {
   return total;
 }
 
-// What both steps check before they change anything: the lists' lengths, the sums tensor, every
-// tensor like its parameter (contiguous, CPU, same dtype and size). Returns GradScaler's scale
+// What every kernel here checks before it changes anything: the lists' lengths, the sums tensor
+// (float64, [n, columns]), every parameter a contiguous CPU float32/float64 tensor, every tensor of
+// `like` like its parameter (contiguous, CPU, same dtype and size), and every tensor of `optional`
+// either empty (none) or like it.
+void check_tensors(const char* name, const std::vector<at::Tensor>& params,
+                   const std::vector<const std::vector<at::Tensor>*>& like,
+                   const std::vector<const std::vector<at::Tensor>*>& optional, const at::Tensor& sums,
+                   int64_t columns) {
+  const size_t n = params.size();
+  bool lengths = true;
+  for (const auto* list : like) lengths = lengths && list->size() == n;
+  for (const auto* list : optional) lengths = lengths && list->size() == n;
+  TORCH_CHECK(lengths, name, ": lists of different lengths");
+  TORCH_CHECK(sums.scalar_type() == at::kDouble && sums.is_contiguous() && sums.numel() == int64_t(columns * n),
+              name, ": sums must be a contiguous float64 tensor of shape [n, ", columns, "]");
+  for (size_t i = 0; i < n; ++i) {
+    const at::Tensor& p = params[i];
+    const bool floating = p.scalar_type() == at::kFloat || p.scalar_type() == at::kDouble;
+    TORCH_CHECK(p.is_contiguous() && p.device().is_cpu() && floating, name, ": parameter ", i,
+                " is not a contiguous CPU float32/float64 tensor");
+    auto like_p = [&](const at::Tensor& t) {
+      return t.is_contiguous() && t.scalar_type() == p.scalar_type() && t.numel() == p.numel() && t.device().is_cpu();
+    };
+    bool alike = true;
+    for (const auto* list : like) alike = alike && like_p((*list)[i]);
+    for (const auto* list : optional) alike = alike && ((*list)[i].numel() == 0 || like_p((*list)[i]));
+    TORCH_CHECK(alike, name, ": tensor ", i, " is not a contiguous CPU tensor of its parameter's dtype and size");
+  }
+}
+
+// What both steps check (check_tensors, and one step count per parameter); GradScaler's scale
 // (nullptr without one).
 const float* check_step(const char* name, const std::vector<at::Tensor>& params,
                         const std::vector<const std::vector<at::Tensor>*>& like_params, size_t steps,
                         const c10::optional<at::Tensor>& grad_scale, const at::Tensor& sums) {
-  const size_t n = params.size();
-  bool lengths = steps == n;
-  for (const auto* list : like_params) lengths = lengths && list->size() == n;
-  TORCH_CHECK(lengths, name, ": lists of different lengths");
-  TORCH_CHECK(sums.scalar_type() == at::kDouble && sums.is_contiguous() && sums.numel() == int64_t(4 * n),
-              name, ": sums must be a contiguous float64 tensor of shape [n, 4]");
-  for (size_t i = 0; i < n; ++i) {
-    const at::Tensor& p = params[i];
-    TORCH_CHECK(p.is_contiguous() && p.device().is_cpu(), name, ": parameter ", i, " is not a contiguous CPU tensor");
-    for (const auto* list : like_params) {
-      const at::Tensor& t = (*list)[i];
-      TORCH_CHECK(t.is_contiguous() && t.scalar_type() == p.scalar_type() && t.numel() == p.numel() &&
-                  t.device().is_cpu(), name, ": tensor ", i,
-                  " is not a contiguous CPU tensor of its parameter's dtype and size");
-    }
-  }
+  TORCH_CHECK(steps == params.size(), name, ": lists of different lengths");
+  check_tensors(name, params, like_params, {}, sums, 4);
   if (!grad_scale.has_value()) return nullptr;
   TORCH_CHECK(grad_scale->scalar_type() == at::kFloat && grad_scale->numel() == 1,
               name, ": grad_scale must be one float32 value");
@@ -325,25 +340,6 @@ void sgd_step_with_sums(const std::vector<at::Tensor>& params, const std::vector
 // p^2}); after it, sum (new p - old p)^2 and sum v of the second moment (an empty tensor: none) in
 // one pass (sums[i] = {update^2, v}). 12 and 8-12 bytes a parameter, where the copy, norm and
 // subtraction passes they replace move 36.
-void check_like(const char* name, const std::vector<at::Tensor>& params,
-                const std::vector<const std::vector<at::Tensor>*>& others, const at::Tensor& sums, int64_t columns) {
-  const size_t n = params.size();
-  TORCH_CHECK(sums.scalar_type() == at::kDouble && sums.is_contiguous() && sums.numel() == int64_t(columns * n),
-              name, ": sums must be a contiguous float64 tensor of shape [n, ", columns, "]");
-  for (const auto* list : others) TORCH_CHECK(list->size() == n, name, ": lists of different lengths");
-  for (size_t i = 0; i < n; ++i) {
-    const at::Tensor& p = params[i];
-    const bool floating = p.scalar_type() == at::kFloat || p.scalar_type() == at::kDouble;
-    TORCH_CHECK(p.is_contiguous() && p.device().is_cpu() && floating, name, ": tensor ", i,
-                " is not a contiguous CPU float32/float64 tensor");
-    for (const auto* list : others) {
-      const at::Tensor& t = (*list)[i];
-      TORCH_CHECK(t.numel() == 0 || (t.is_contiguous() && t.scalar_type() == p.scalar_type() && t.numel() == p.numel()
-                                     && t.device().is_cpu()),
-                  name, ": tensor ", i, " is not a contiguous CPU tensor of its parameter's dtype and size");
-    }
-  }
-}
 
 // Two sums over a tensor's elements on ATen's threads, written to out[0] and out[1]: vector(d, first,
 // second) for the vector at element d (accumulating into two vectors, summed in scalar_t over 256
@@ -370,10 +366,7 @@ void two_sums(int64_t numel, double* out, const Vector& vector, const Scalar& sc
 
 void copy_with_sums(const std::vector<at::Tensor>& params, const std::vector<at::Tensor>& copies,
                     const std::vector<at::Tensor>& grads, at::Tensor sums) {
-  check_like("copy_with_sums", params, {&copies, &grads}, sums, 2);
-  for (size_t i = 0; i < params.size(); ++i)
-    TORCH_CHECK(copies[i].numel() == params[i].numel() && grads[i].numel() == params[i].numel(),
-                "copy_with_sums: tensor ", i, " is empty where its parameter is not");
+  check_tensors("copy_with_sums", params, {&copies, &grads}, {}, sums, 2);
   double* out = sums.data_ptr<double>();
   for (size_t i = 0; i < params.size(); ++i) {
     AT_DISPATCH_FLOATING_TYPES(params[i].scalar_type(), "copy_with_sums", [&] {
@@ -400,9 +393,7 @@ void copy_with_sums(const std::vector<at::Tensor>& params, const std::vector<at:
 
 void change_sums(const std::vector<at::Tensor>& olds, const std::vector<at::Tensor>& news,
                  const std::vector<at::Tensor>& second_moments, at::Tensor sums) {
-  check_like("change_sums", news, {&olds, &second_moments}, sums, 2);
-  for (size_t i = 0; i < news.size(); ++i)
-    TORCH_CHECK(olds[i].numel() == news[i].numel(), "change_sums: tensor ", i, " is empty where its parameter is not");
+  check_tensors("change_sums", news, {&olds}, {&second_moments}, sums, 2);
   double* out = sums.data_ptr<double>();
   for (size_t i = 0; i < news.size(); ++i) {
     AT_DISPATCH_FLOATING_TYPES(news[i].scalar_type(), "change_sums", [&] {
