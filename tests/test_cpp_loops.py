@@ -351,23 +351,25 @@ def _stepped(name, options, fused, monkeypatch, steps=4, sizes=((300, 70), (5000
     ("adamw8bit", {}, torch.bfloat16), ("lion8bit", {"compensation": None}, torch.bfloat16),
     ("adamw4bit", {"second_moment_scale": "block"}, torch.bfloat16), ("adamw4bit", {}, torch.bfloat16)])
 def test_lowbit_optimizers_code_their_states_inside_the_loop_bit_for_bit(name, options, dtype, monkeypatch):
-    """8-bit and block-wise 4-bit states on the compiled backend are decoded, stepped and coded by one loop
+    """8-bit and 4-bit states on the compiled backend are decoded, stepped and coded by one loop
     call per bucket: parameters and every state tensor (a bf16 parameter's compensation too) equal the
     decode / step / code path bit for bit (tensors below min_8bit_size, with fp32 states, go to a loop of
-    their own; the rank-1 4-bit second moment, whose scale spans the whole tensor, is decoded before the loop
-    and coded after it, beside the first moment coded inside)."""
+    their own; the rank-1 4-bit second moment of a 2-D tensor is coded inside too, that of a 3-D one is
+    decoded before the loop and coded after it)."""
     from optim_plugins.optimizers import codecs
 
     decoded = []
     for cls in (codecs.Blockwise8bit, codecs.Blockwise4bit, codecs.Rank1Linear4bit):
         monkeypatch.setattr(cls, "decode",
                             lambda self, *a, original=cls.decode: decoded.append(self) or original(self, *a))
-    ours, fused = _stepped(name, options, True, monkeypatch, dtype=dtype)
+    sizes = ((300, 70), (5000,), (64,), (129, 33), (4096,), (8, 16, 40))
+    ours, fused = _stepped(name, options, True, monkeypatch, dtype=dtype, sizes=sizes)
     rank1 = name == "adamw4bit" and "second_moment_scale" not in options
-    # no state was decoded outside the loop but the rank-1 second moments of the 2-D tensors, each step
-    assert all(isinstance(codec, codecs.Rank1Linear4bit) for codec in decoded)
-    assert len(decoded) == (4 * 2 if rank1 else 0)
-    theirs, reference = _stepped(name, options, False, monkeypatch, dtype=dtype)
+    # no state was decoded outside the loop but the rank-1 second moment of the 3-D tensor, each step (those
+    # of the 2-D tensors are coded in the loop, their maxima found in its first pass)
+    assert all(isinstance(codec, codecs.Rank1Linear4bit) and len(codec.shape) == 3 for codec in decoded)
+    assert len(decoded) == (4 if rank1 else 0)
+    theirs, reference = _stepped(name, options, False, monkeypatch, dtype=dtype, sizes=sizes)
     assert decoded
     for a, b in zip(ours, theirs):
         assert torch.equal(a, b)
@@ -397,3 +399,88 @@ def test_telemetry_on_coded_buckets_is_summed_in_the_loop_without_changing_the_s
     for i, p in enumerate(params):
         assert units[f"param{i}"]["update_norm"] == pytest.approx(float((p.detach().double() - old[i]).norm()), rel=1e-4)
     recorder.remove()
+
+
+@pytest.mark.parametrize("with_sums", [False, True])
+def test_rank1_states_are_stepped_in_the_loop_as_in_three_passes(with_sums):
+    """A rank-1 4-bit state (loops.Coded rank1: the second moment of adamw4bit, scaled by the minimum of its
+    row's and its column's maximum): the loop's codes, maxima and parameter are, bit for bit, those of
+    decoding with kernels/quantize.py, stepping with the plain loop and coding the result with
+    kernels/quantize.py (whose maxima need every new value first: the loop's first pass). Beside a
+    block-wise 4-bit state; shapes of one row, one column, rows that straddle the threads' shares, a row
+    with a NaN, one with an inf, one of zeros; 1, 2 and 3 threads; with and without the telemetry sums."""
+    from optim_plugins.kernels import quantize
+
+    # m <- m * c0 + c1 * g; v <- v * c2 + c3 * g * g; p <- p + c4 * m / (sqrt(v) + c5)
+    program = (("mul_", 2, ("s", 2), ("c", 0)), ("add_", 2, ("s", 2), ("s", 1), ("c", 1)),
+               ("mul_", 3, ("s", 3), ("c", 2)), ("addcmul_", 3, ("s", 3), ("s", 1), ("s", 1), ("c", 3)),
+               ("sqrt", 4, ("s", 3)), ("add", 5, ("s", 4), ("c", 5), ("c", 6)),
+               ("addcdiv_", 0, ("s", 0), ("s", 2), ("s", 5), ("c", 4)))
+    scalars = [0.9, 0.1, 0.99, 0.01, -0.01, 1e-8, 1.0]
+    forms = [loops.Coded(2, quantize.map_name(4, True), 128, 4), loops.Coded(3, "linear4", 0, 4, rank1=True)]
+    coded = loops.loop_for(program, (0, 2, 3), (torch.float32,) * 4, 7, coded=forms)
+    plain = loops.loop_for(program, (0, 2, 3), (torch.float32,) * 4, 7)
+    assert coded is not None and plain is not None
+    g = torch.Generator().manual_seed(11)
+    shapes = [(1, 1), (1, 300), (300, 1), (37, 129), (64, 128), (257, 63), (45, 1000)]
+    bucket = []
+    for shape in shapes:
+        n = shape[0] * shape[1]
+        p, grad, m = (torch.randn(shape, generator=g) for _ in range(3))
+        v = torch.rand(shape, generator=g) * torch.rand(shape[1], generator=g)  # columns of other sizes
+        if shape == (45, 1000):
+            grad[3, 7], grad[10, 999], grad[20] = float("nan"), float("inf"), 0.0
+            v[20] = 0.0
+        m_codes, m_absmax = torch.empty(quantize.num_bytes_4bit(n), dtype=torch.uint8), torch.empty(
+            quantize.num_blocks(n, 128))
+        quantize.quantize_4bit_blockwise_(m, m_codes, m_absmax, True, 128)
+        v_codes, maxima = torch.empty(quantize.num_bytes_4bit(n), dtype=torch.uint8), torch.empty(sum(shape))
+        quantize.quantize_4bit_rank1_(v, v_codes, maxima)
+        bucket.append([p, grad, m_codes, v_codes, m_absmax, maxima])
+    expected, sums = [], []
+    for p, grad, m_codes, v_codes, m_absmax, maxima in bucket:
+        p, m_codes, v_codes, m_absmax, maxima = (t.clone() for t in (p, m_codes, v_codes, m_absmax, maxima))
+        m = quantize.dequantize_4bit_blockwise(m_codes, m_absmax, p.shape, True, 128).view(p.shape)
+        v = quantize.dequantize_4bit_rank1(v_codes, maxima, p.shape)
+        old = p.double()
+        plain([[p, grad, m, v]], scalars)
+        sums.append([grad.double().square().sum(), (p.double() - old).square().sum(), old.square().sum(),
+                     m.double().sum(), v.double().sum()])
+        quantize.quantize_4bit_blockwise_(m, m_codes, m_absmax, True, 128)
+        quantize.quantize_4bit_rank1_(v, v_codes, maxima)
+        expected.append((p, m_codes, v_codes, m_absmax, maxima))
+    assert any(torch.isnan(e[4]).any() for e in expected)  # the NaN's row and column
+    previous = torch.get_num_threads()
+    try:
+        for threads in (1, 2, 3):
+            torch.set_num_threads(threads)
+            ours = [[t.clone() for t in ts] for ts in bucket]
+            rows = coded.with_sums(ours, scalars) if with_sums else coded(ours, scalars)
+            for (p, _, *states), (want_p, *want_states) in zip(ours, expected):
+                torch.testing.assert_close(p, want_p, rtol=0, atol=0, equal_nan=True)
+                for state, want in zip(states, want_states):
+                    torch.testing.assert_close(state, want, rtol=0, atol=0, equal_nan=True)
+            if with_sums:
+                finite = [k for k, s in enumerate(sums) if all(map(torch.isfinite, s))]
+                torch.testing.assert_close(rows[finite], torch.tensor([sums[k] for k in finite], dtype=torch.float64),
+                                           rtol=1e-5, atol=1e-6)
+    finally:
+        torch.set_num_threads(previous)
+
+
+def test_rank1_states_need_a_2d_parameter_and_its_maxima():
+    """A rank-1 slot's maxima must be rows + cols floats of a 2-D parameter: a clear error, nothing written."""
+    from optim_plugins.kernels import quantize
+
+    program = (("mul_", 2, ("s", 2), ("c", 0)), ("addcmul_", 2, ("s", 2), ("s", 1), ("s", 1), ("c", 1)),
+               ("add_", 0, ("s", 0), ("s", 2), ("c", 2)))
+    step = loops.loop_for(program, (0, 2), (torch.float32,) * 3, 3, coded=[loops.Coded(2, "linear4", 0, 4, rank1=True)])
+    p, grad = torch.randn(6, 10), torch.randn(6, 10)
+    codes, maxima = torch.zeros(30, dtype=torch.uint8), torch.ones(15)
+    before = [t.clone() for t in (p, codes, maxima)]
+    with pytest.raises(ValueError, match=r"shape \(6, 10\) and maxima of \[15\]"):
+        step([[p, grad, codes, maxima]], [0.9, 0.1, -0.01])
+    with pytest.raises(ValueError, match=r"shape \(60,\)"):
+        step([[p.view(-1), grad.view(-1), codes, torch.ones(16)]], [0.9, 0.1, -0.01])
+    assert all(torch.equal(a, b) for a, b in zip(before, (p, codes, maxima)))
+    assert quantize.num_bytes_4bit(60) == 30

@@ -299,7 +299,7 @@ def dequantize_4bit_rank1(packed: Tensor, maxima: Tensor, shape: torch.Size) -> 
     code = _search("linear4", packed.device)[0]
     if len(shape) == 2 and packed.device.type == "cpu":
         values = torch.empty(shape, dtype=torch.float32)
-        if cpp_kernels.dequantize_4bit_rank1_2d(packed, maxima, code, values):
+        if cpp_kernels.dequantize_4bit_rank1_2d(packed, maxima, values):
             return values
     if packed.device.type == "cpu":
         values = torch.empty(shape, dtype=torch.float32)

@@ -159,3 +159,7 @@ class Rank1Linear4bit(StateCodec):
 
     def encode(self, name: str, value: Tensor, state: dict[str, Tensor]) -> None:
         quantize_4bit_rank1_(value, state[name], state[f"{name}_rank1"])
+
+    def loop_form(self) -> tuple | None:
+        """2-D: coded inside the C++ loop, which finds the new maxima in a first pass (loops.Coded rank1)."""
+        return ("linear4", 0, 4, False, True) if len(self.shape) == 2 else None

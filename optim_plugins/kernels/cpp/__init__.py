@@ -274,13 +274,13 @@ def quantize_4bit_rank1_2d_(x: Tensor, packed: Tensor, maxima: Tensor) -> bool:
     return True
 
 
-def dequantize_4bit_rank1_2d(packed: Tensor, maxima: Tensor, code: Tensor, out: Tensor) -> bool:
-    """``out`` (2-D, contiguous CPU float32) = ``code[packed]`` times the rank-1 scale of ``maxima``, in one
-    pass; False where it cannot run."""
+def dequantize_4bit_rank1_2d(packed: Tensor, maxima: Tensor, out: Tensor) -> bool:
+    """``out`` (2-D, contiguous CPU float32) = the linear map's value of ``packed`` ((k + 1) / 16, exact)
+    times the rank-1 scale of ``maxima``, in one pass; False where it cannot run."""
     if not (packed.device.type == "cpu" and packed.is_contiguous() and maxima.is_contiguous() and out.dim() == 2
-            and out.is_contiguous() and out.dtype == torch.float32 and code.device.type == "cpu") or not ready():
+            and out.is_contiguous() and out.dtype == torch.float32) or not ready():
         return False
-    torch.ops.optim_plugins.dequantize_4bit_rank1_2d(packed, maxima, code, out)
+    torch.ops.optim_plugins.dequantize_4bit_rank1_2d(packed, maxima, out)
     return True
 
 

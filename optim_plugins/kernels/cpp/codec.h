@@ -9,6 +9,10 @@
 // inside it (0xFFFF: none), and the value takes one more where its own key (its lower 16 bits, reversed
 // for negative values, whose bits grow as they fall) is greater. 8 bits: one code per byte; 4 bits: two,
 // element 2k in the high nibble of byte k.
+//
+// Rank-1 4-bit states of a 2-D (rows x cols) tensor (kernels/quantize.py quantize_4bit_rank1_): element
+// (r, c) divided by max(minimum(row_max[r], col_max[c]), smallest normal float) and coded in the linear
+// map without zero, whose nearest code is arithmetic (nearest_linear4_code).
 #pragma once
 
 #include <cmath>
@@ -18,26 +22,33 @@
 
 namespace optim_plugins_codec {
 
-// out[i] = values[code of element first + i] * scale, for count elements
-template <int BITS>
-inline void decode(const uint8_t* __restrict__ codes, int64_t first, int64_t count, float scale,
-                   const float* __restrict__ values, float* __restrict__ out) {
+// out[i] = value(code of element first + i), for count elements
+template <int BITS, typename Value>
+inline void decode_with(const uint8_t* __restrict__ codes, int64_t first, int64_t count, Value value,
+                        float* __restrict__ out) {
   if constexpr (BITS == 8) {
 #pragma omp simd
-    for (int64_t i = 0; i < count; ++i) out[i] = values[codes[first + i]] * scale;
+    for (int64_t i = 0; i < count; ++i) out[i] = value(codes[first + i]);
   } else {  // byte by byte: an odd first element alone, then whole pairs, then an odd last one
     int64_t i = 0;
-    if (count > 0 && first % 2) out[i++] = values[codes[first / 2] & 0xF] * scale;
+    if (count > 0 && first % 2) out[i++] = value(codes[first / 2] & 0xF);
     const uint8_t* __restrict__ pairs = codes + (first + i) / 2;
     const int64_t whole = (count - i) / 2;
 #pragma omp simd
     for (int64_t k = 0; k < whole; ++k) {
-      out[i + 2 * k] = values[pairs[k] >> 4] * scale;
-      out[i + 2 * k + 1] = values[pairs[k] & 0xF] * scale;
+      out[i + 2 * k] = value(pairs[k] >> 4);
+      out[i + 2 * k + 1] = value(pairs[k] & 0xF);
     }
     i += 2 * whole;
-    if (i < count) out[i] = values[codes[(first + i) / 2] >> 4] * scale;
+    if (i < count) out[i] = value(codes[(first + i) / 2] >> 4);
   }
+}
+
+// out[i] = values[code of element first + i] * scale, for count elements
+template <int BITS>
+inline void decode(const uint8_t* __restrict__ codes, int64_t first, int64_t count, float scale,
+                   const float* __restrict__ values, float* __restrict__ out) {
+  decode_with<BITS>(codes, first, count, [=](int k) { return values[k] * scale; }, out);
 }
 
 // The largest |x| of a block; NaN where it holds a NaN (as torch.amax)
@@ -123,6 +134,82 @@ inline void code_block(const float* __restrict__ x, int64_t first, int64_t count
   const float peak = absmax(x, count);
   *peak_out = peak;
   code<BITS, POSITIVE_NOT_ZERO>(x, first, count, divisor(peak), table, codes);
+}
+
+// torch.minimum's and torch.maximum's: NaN where either is NaN
+inline float nan_minimum(float a, float b) {
+  float low = a < b ? a : b;
+  low = b != b ? b : low;
+  return a != a ? a : low;
+}
+inline float nan_maximum(float a, float b) { return (b > a || b != b) ? b : a; }  // (a NaN a stays)
+
+// Calls visit(offset, row, column, count) for the row pieces of elements begin .. end of a
+// (rows x cols) row-major tensor: element offset + t is (row, column + t) for t < count.
+template <typename Visit>
+inline void by_rows(int64_t begin, int64_t end, int64_t cols, Visit visit) {
+  for (int64_t e = begin; e < end;) {
+    const int64_t row = e / cols, column = e % cols;
+    const int64_t count = end - e < cols - column ? end - e : cols - column;
+    visit(e, row, column, count);
+    e += count;
+  }
+}
+
+// out[i] = the value of rank-1 4-bit element first + i, for count elements: the linear map's value of
+// its code k, (k + 1) / 16 (exact in float: no table), times minimum(its row's, its column's maximum)
+inline void decode_rank1(const uint8_t* __restrict__ codes, int64_t first, int64_t count, int64_t cols,
+                         const float* __restrict__ row_max, const float* __restrict__ col_max,
+                         float* __restrict__ out) {
+  decode_with<4>(codes, first, count, [](int k) { return static_cast<float>(k + 1) * 0.0625f; }, out);
+  by_rows(first, first + count, cols, [&](int64_t offset, int64_t r, int64_t c, int64_t n) {
+    const float rmax = row_max[r];
+    float* __restrict__ piece = out + (offset - first);
+#pragma omp simd
+    for (int64_t t = 0; t < n; ++t) piece[t] *= nan_minimum(rmax, col_max[c + t]);
+  });
+}
+
+// x[i] coded as rank-1 4-bit element first + i (first even) with the maxima given, for count elements
+inline void code_rank1(const float* __restrict__ x, int64_t first, int64_t count, int64_t cols,
+                       const float* __restrict__ row_max, const float* __restrict__ col_max,
+                       uint8_t* __restrict__ codes) {
+  constexpr int64_t kPiece = 256;  // values scaled at a time into the stack buffer (even)
+  alignas(64) float scaled[kPiece];
+  const float tiny = std::numeric_limits<float>::min();
+  for (int64_t piece = 0; piece < count; piece += kPiece) {
+    const int64_t n = count - piece < kPiece ? count - piece : kPiece, begin = first + piece;
+    by_rows(begin, begin + n, cols, [&](int64_t offset, int64_t r, int64_t c, int64_t k) {
+      const float rmax = row_max[r];
+      const float* __restrict__ in = x + (offset - first);
+      float* __restrict__ out = scaled + (offset - begin);
+#pragma omp simd
+      for (int64_t t = 0; t < k; ++t) {
+        const float scale = nan_minimum(rmax, col_max[c + t]);
+        out[t] = in[t] / (scale < tiny ? tiny : scale);  // NaN stays
+      }
+    });
+    code_with<4>(scaled, begin, n, [](float v) { return nearest_linear4_code(v); }, codes);
+  }
+}
+
+// row_max[r] and col_max[c] raised to |x| of each element (r, c) of first .. first + count (NaN stays)
+inline void add_rank1_maxima(const float* __restrict__ x, int64_t first, int64_t count, int64_t cols,
+                             float* __restrict__ row_max, float* __restrict__ col_max) {
+  by_rows(first, first + count, cols, [&](int64_t offset, int64_t r, int64_t c, int64_t n) {
+    const float* __restrict__ piece = x + (offset - first);
+    float* __restrict__ columns = col_max + c;
+    float peak = 0.0f;
+    int nan = 0;
+#pragma omp simd reduction(max : peak) reduction(| : nan)
+    for (int64_t t = 0; t < n; ++t) {
+      const float a = std::fabs(piece[t]);
+      columns[t] = nan_maximum(columns[t], a);
+      peak = peak < a ? a : peak;
+      nan |= a != a;
+    }
+    row_max[r] = nan_maximum(row_max[r], nan ? std::numeric_limits<float>::quiet_NaN() : peak);
+  });
 }
 
 }  // namespace optim_plugins_codec

@@ -43,6 +43,7 @@ __all__ = ["loop_for", "covers", "Coded", "LoopStep"]
 
 _HERE = Path(__file__).parent  # codec.h
 RUN = 1024  # elements a loop with sums or coded states runs at a time (coded: whole blocks; see _BLOCK_LOOP)
+RANK1_BLOCK = 128  # the share granularity of a loop whose only coded states are rank-1 (even: whole bytes)
 # per slot dtype: how it is stored, the type the loop computes in, how it is loaded and stored
 _C_TYPES = {torch.float32: "float", torch.float64: "double", torch.bfloat16: "uint16_t"}
 _WORK_TYPES = {torch.float32: "float", torch.float64: "double", torch.bfloat16: "float"}
@@ -97,24 +98,24 @@ constexpr int64_t SLOTS = {slots}, SUMS = {sums}, LINE = {line}, MIN_SHARE = 409
 constexpr int64_t BLOCK = {block}, GROUP = {group};  // elements
 {codec}
 extern "C" void step(int64_t n, void* const* ptrs, const int64_t* sizes, const double* scalars, int threads,
-                     const void* const* maps) {{
+                     const void* const* maps, float* scratch) {{
 {constants}
-{shares}{pointers}
+{parallel}{before}{tensors}{pointers}
 {step_loop}
-  }} }}
+  }}{after} }}
 }}
 
 // The same step, also writing each thread's sums over its share of tensor t to
 // partial[(thread * n + t) * SUMS + k]: g^2 (the gradient slot as stored), (new p - old p)^2, old p^2,
 // and the new value of each state slot. Summed in T over runs of GROUP elements, in double across them.
 extern "C" void step_sums(int64_t n, void* const* ptrs, const int64_t* sizes, const double* scalars, int threads,
-                          const void* const* maps, double* partial) {{
+                          const void* const* maps, float* scratch, double* partial) {{
 {constants}
-{shares}{pointers}
+{parallel}{before}{tensors}{pointers}
     double total[SUMS] = {{}};
 {sums_loop}
     for (int64_t k = 0; k < SUMS; ++k) partial[(me * n + t) * SUMS + k] = total[k];
-  }} }}
+  }}{after} }}
 }}
 """
 
@@ -147,12 +148,14 @@ _CODEC = """\
 namespace codec = optim_plugins_codec;
 """
 
-# Opens the parallel region and the loop over tensors; each thread steps one contiguous share of
+# Opens the parallel region, then the loop over tensors; each thread steps one contiguous share of
 # every tensor (at least MIN_SHARE elements, in whole cache lines), the shares of small tensors
 # rotated over the threads. Closed by "} }" in the functions above.
-_SHARES = """\
+_PARALLEL = """\
   #pragma omp parallel num_threads(threads)
   { const int64_t workers = omp_get_num_threads(), me = omp_get_thread_num();
+"""
+_SHARES = """\
   for (int64_t t = 0; t < n; ++t) {
     const int64_t size = sizes[t];
     int64_t share = (size + workers - 1) / workers;
@@ -160,6 +163,54 @@ _SHARES = """\
     const int64_t begin = ((me + t) % workers) * share;
     const int64_t end = begin + share < size ? begin + share : size;
 """
+
+
+# Rank-1 4-bit states (codec.h decode_rank1, code_rank1): an element's scale is the minimum of its row's
+# and its column's maximum of the new values, known only once every new value is: a first pass computes
+# them (the program up to those values, nothing stored; each thread into its own row of `scratch`,
+# merged into the first after), then the step decodes with the old maxima and codes with the new ones,
+# which replace the old at the end. A tensor's maxima are rows + cols floats, the rows of `scratch`
+# that many apart; sizes[n + t] is tensor t's number of columns.
+_RANK1_BEFORE = """\
+  {{ int64_t at = 0;  // pass 1: each thread's maxima of the new values of its share, in its row
+{tensors}
+    const int64_t cols = sizes[n + t], rows = cols ? size / cols : 0;
+{pointers}
+{parts}
+    for (int64_t group = begin; group < end; group += GROUP) {{
+      const int64_t stop = group + GROUP < end ? group + GROUP : end;
+{decode}
+      #pragma omp simd
+      for (int64_t d = group; d < stop; ++d) {{
+{body}
+      }}
+{maxima}
+    }}
+  }} }}
+  #pragma omp barrier
+  {{ int64_t at = 0;  // the threads' rows merged into the first, each thread a range of the maxima
+  for (int64_t t = 0; t < n; ++t) {{
+    const int64_t cols = sizes[n + t], m = (cols ? sizes[t] / cols : 0) + cols;
+{merge}
+  }} }}
+  #pragma omp barrier
+  int64_t at = 0;  // the step: decoded with the old maxima, coded with the new ones
+"""
+_RANK1_AFTER = """
+  #pragma omp barrier
+  {{ int64_t at = 0;  // the new maxima replace the old
+  for (int64_t t = 0; t < n; ++t) {{
+    const int64_t cols = sizes[n + t], m = (cols ? sizes[t] / cols : 0) + cols;
+{replace}
+  }} }}"""
+_MERGE = """\
+    {{ float* __restrict__ all = scratch + at; at += threads * m;
+      for (int64_t i = me * m / workers; i < (me + 1) * m / workers; ++i)
+        for (int64_t w = 1; w < workers; ++w) all[i] = codec::nan_maximum(all[i], all[w * m + i]); }}"""
+_REPLACE = """\
+    {{ float* __restrict__ maxima = static_cast<float*>(ptrs[t * SLOTS + {index}]);
+      const float* __restrict__ fresh = scratch + at; at += threads * m;
+      for (int64_t i = me * m / workers; i < (me + 1) * m / workers; ++i) maxima[i] = fresh[i]; }}"""
 
 
 class Coded(NamedTuple):
@@ -171,6 +222,7 @@ class Coded(NamedTuple):
     block_size: int
     bits: int  # 8: one code per byte; 4: two per byte, the even element in the high nibble
     positive_not_zero: bool = False  # a positive value never codes to 0 (8-bit second moments)
+    rank1: bool = False  # rank-1 4-bit of a 2-D tensor (kind "linear4", block_size 0): its side tensor is the maxima
 
 
 class LoopStep:
@@ -178,26 +230,30 @@ class LoopStep:
     (a list, per tensor, of its slots' contiguous CPU tensors, in the dtypes it was built for; with
     coded slots, then each coded slot's absmax; with Kahan, then the compensation)."""
 
-    def __init__(self, library: ctypes.CDLL, slots: int, sums: int, maps: Sequence[Tensor] = ()):
+    def __init__(self, library: ctypes.CDLL, slots: int, sums: int, maps: Sequence[Tensor] = (),
+                 maxima: Sequence[int] = ()):
+        """``maxima``: the input index of each rank-1 slot's maxima (its side tensor)."""
         self._step, self._step_sums = library.step, library.step_sums
-        arguments = [ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p]
+        arguments = [ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p,
+                     ctypes.c_void_p]
         for function, extra in ((self._step, []), (self._step_sums, [ctypes.c_void_p])):
             function.restype, function.argtypes = None, arguments + extra
-        self.slots, self.sums = slots, sums
+        self.slots, self.sums, self._maxima = slots, sums, tuple(maxima)
         self._maps = list(maps)  # kept alive: the loop reads them through the pointers below
         self._map_pointers = (ctypes.c_void_p * max(len(maps), 1))(*(t.data_ptr() for t in maps))
 
     def __call__(self, inputs: Sequence[Sequence[Tensor]], scalars: Sequence[float]) -> None:
-        self._step(*self._arguments(inputs, scalars))
+        arguments = self._arguments(inputs, scalars)  # (the last: the scratch, held here through the call)
+        self._step(*arguments[:-1])
 
     def with_sums(self, inputs: Sequence[Sequence[Tensor]], scalars: Sequence[float]) -> Tensor:
         """The step, and per tensor (rows, float64): sum g^2 of the gradient slot as stored, sum of
         (new p - old p)^2, sum old p^2, and the sum of each state slot's new value (slot 2, 3, ...;
         of a coded slot: the value before it is coded)."""
-        arguments = self._arguments(inputs, scalars)
+        arguments = self._arguments(inputs, scalars)  # (the last: the scratch, held here through the call)
         threads = arguments[4]
         partial = torch.zeros(threads, len(inputs), self.sums, dtype=torch.float64)  # one row block per thread
-        self._step_sums(*arguments, partial.data_ptr())
+        self._step_sums(*arguments[:-1], partial.data_ptr())
         return partial.sum(0)
 
     def _arguments(self, inputs: Sequence[Sequence[Tensor]], scalars: Sequence[float]) -> tuple:
@@ -205,10 +261,24 @@ class LoopStep:
         # seen as ctypes arrays over the same memory, which keep it alive through the call
         addresses = array.array("q", map(Tensor.data_ptr, itertools.chain.from_iterable(inputs)))
         numels = array.array("q", map(Tensor.numel, next(zip(*inputs), ())))
+        threads, scratch = torch.get_num_threads(), None
+        if self._maxima:  # each tensor's columns after the sizes; a zeroed row of maxima per thread and slot
+            numels.extend([self._columns(tensors) for tensors in inputs])
+            scratch = torch.zeros(threads * sum(t[k].numel() for t in inputs for k in self._maxima))
         pointers = (ctypes.c_void_p * len(addresses)).from_buffer(addresses)
         sizes = (ctypes.c_int64 * len(numels)).from_buffer(numels)
         values = (ctypes.c_double * max(len(scalars), 1))(*scalars)
-        return len(inputs), pointers, sizes, values, torch.get_num_threads(), self._map_pointers
+        return (len(inputs), pointers, sizes, values, threads, self._map_pointers,
+                None if scratch is None else scratch.data_ptr(), scratch)
+
+    def _columns(self, tensors: Sequence[Tensor]) -> int:
+        """The columns of a tensor with rank-1 slots: its parameter's last size, checked against the maxima."""
+        p = tensors[0]
+        if p.dim() != 2 or any(tensors[k].numel() != sum(p.shape) for k in self._maxima):
+            raise ValueError(f"rank-1 states need a 2-D parameter and maxima of rows + cols floats, got a "
+                             f"parameter of shape {tuple(p.shape)} and maxima of "
+                             f"{[tensors[k].numel() for k in self._maxima]}")
+        return p.shape[1]
 
 
 def source(program: tuple, mutated: tuple, dtypes: Sequence[torch.dtype], n_scalars: int,
@@ -237,11 +307,14 @@ def source(program: tuple, mutated: tuple, dtypes: Sequence[torch.dtype], n_scal
         return None
     ctype = work.pop()
     block = RUN  # the run of float sums in step_sums; with coded slots, their block
+    rank1 = [c for c in coded if c.rank1]
     if coded:
-        if (len({c.block_size for c in coded}) != 1
-                or any(c.slot < 2 or dtypes[c.slot] != torch.float32 or c.bits not in (4, 8) for c in coded)):
+        blocks = {c.block_size for c in coded if not c.rank1} or {RANK1_BLOCK}
+        if (len(blocks) != 1 or any(c.slot < 2 or dtypes[c.slot] != torch.float32 or c.bits not in (4, 8)
+                                    for c in coded)
+                or any(c.bits != 4 or c.kind != "linear4" or c.slot not in mutated for c in rank1)):
             return None
-        block = coded[0].block_size
+        block = blocks.pop()
         if block <= 0 or block % 2 or 4096 % block:  # whole blocks per share (MIN_SHARE 4096), whole byte pairs
             return None
     by_slot = {c.slot: c for c in coded}
@@ -249,6 +322,7 @@ def source(program: tuple, mutated: tuple, dtypes: Sequence[torch.dtype], n_scal
     body = [f"        const T s{slot} = " + (f"decoded{slot}[d - group];" if slot in by_slot else
                                               f"{_LOAD[dtype].format(f'p{slot}[d]')};")
             for slot, dtype in enumerate(dtypes)]
+    needs = {f"s{slot}": {f"s{slot}"} for slot in range(len(dtypes))}  # each value and those it is computed from
     compensation = len(dtypes) + len(coded)  # its pointer's index (kahan): after the coded slots' absmax
     if kahan:
         body[0] = f"        const T s0 = bf16_load(p0[d]) + bf16_load(p{compensation}[d]);"
@@ -268,6 +342,7 @@ def source(program: tuple, mutated: tuple, dtypes: Sequence[torch.dtype], n_scal
         if expression is None:
             return None
         text = expression.format(*operands)
+        needs[f"v{index}"] = {f"v{index}"}.union(*(needs.get(o, ()) for o in operands))
         body.append(f"        const T v{index} = {'bf16_round(' + text + ')' if target == torch.bfloat16 else text};")
         if dst < len(names):
             names[dst] = f"v{index}"
@@ -296,15 +371,26 @@ def source(program: tuple, mutated: tuple, dtypes: Sequence[torch.dtype], n_scal
     each_block = ("      for (int64_t block = group; block < stop; block += BLOCK) {{\n"
                   "        const int64_t count = block + BLOCK < stop ? BLOCK : stop - block;\n{}      }}\n")
     decode = "".join(f"      alignas(64) float decoded{c.slot}[GROUP], new{c.slot}[GROUP];\n" for c in coded)
-    if coded:
+    if any(not c.rank1 for c in coded):
         decode += each_block.format("".join(
             f"        codec::decode<{c.bits}>(p{c.slot}, block, count, p{absmax[c.slot]}[block / BLOCK], "
-            f"values{c.slot}, decoded{c.slot} + (block - group));\n" for c in coded))
+            f"values{c.slot}, decoded{c.slot} + (block - group));\n" for c in coded if not c.rank1))
     encode = "".join(f"        codec::code_block<{c.bits}, {str(c.positive_not_zero).lower()}>("
                      f"new{c.slot} + (block - group), block, count, table{c.slot}, p{c.slot}, "
                      f"p{absmax[c.slot]} + block / BLOCK);\n"
-                     for c in coded if c.slot in stored)
+                     for c in coded if c.slot in stored and not c.rank1)
     encode = "\n" + each_block.format(encode).rstrip("\n") if encode else ""
+    before = after = ""
+    if rank1:
+        decode += "".join(f"      codec::decode_rank1(p{c.slot}, group, stop - group, cols, p{absmax[c.slot]}, "
+                          f"p{absmax[c.slot]} + rows, decoded{c.slot});\n" for c in rank1)
+        encode += "".join(f"\n      codec::code_rank1(new{c.slot}, group, stop - group, cols, fresh{c.slot}, "
+                          f"fresh{c.slot} + rows, p{c.slot});" for c in rank1)
+        before = _rank1_pass(body, [names[c.slot] for c in rank1], needs, rank1, coded, absmax, pointers, each_block)
+        after = _RANK1_AFTER.format(replace="\n".join(_REPLACE.format(index=absmax[c.slot]) for c in rank1))
+        pointers = [*pointers, "    const int64_t cols = sizes[n + t], rows = cols ? size / cols : 0;",
+                    *(f"    const float* __restrict__ fresh{c.slot} = scratch + at; at += threads * (rows + cols);"
+                      for c in rank1)]
     blocks = dict(decode=decode, encode=encode, body="\n".join(body))
     no_sums = dict(accumulators="", reduction="", summed="", totals="")
     with_sums = dict(accumulators="      " + " ".join(f"T a{k} = 0;" for k in sums),
@@ -313,11 +399,36 @@ def source(program: tuple, mutated: tuple, dtypes: Sequence[torch.dtype], n_scal
     return _PRELUDE.format(
         ctype=ctype, slots=len(c_types), sums=3 + slots - 2, line=block if coded else 64, block=block,
         group=max(block, RUN),
-        codec=_CODEC if coded else "", shares=_SHARES,
+        codec=_CODEC if coded else "", parallel=_PARALLEL, before=before, tensors=_SHARES, after=after,
         constants="\n".join([*(f"  const T c{i} = T(scalars[{i}]);" for i in range(n_scalars)), *tables]),
         pointers="\n".join(pointers),
         step_loop=_BLOCK_LOOP.format(**blocks, **no_sums) if coded else _STEP_LOOP.format(body=blocks["body"]),
         sums_loop=_BLOCK_LOOP.format(**blocks, **with_sums))
+
+
+def _rank1_pass(body: list[str], values: list[str], needs: dict[str, set[str]], rank1: list[Coded],
+                coded: Sequence[Coded], absmax: dict[int, int], pointers: list[str], each_block: str) -> str:
+    """The first pass of a program with rank-1 slots (``_RANK1_BEFORE``): the program's lines that their
+    new ``values`` are computed from, the coded slots those read decoded, each thread's maxima raised."""
+    wanted = set().union(*(needs[v] for v in values))
+    read = [c for c in coded if f"s{c.slot}" in wanted]
+    decode = "".join(f"      alignas(64) float decoded{c.slot}[GROUP];\n" for c in read)
+    decode += "".join(f"      alignas(64) float new{c.slot}[GROUP];\n" for c in rank1)
+    if any(not c.rank1 for c in read):
+        decode += each_block.format("".join(
+            f"        codec::decode<{c.bits}>(p{c.slot}, block, count, p{absmax[c.slot]}[block / BLOCK], "
+            f"values{c.slot}, decoded{c.slot} + (block - group));\n" for c in read if not c.rank1))
+    decode += "".join(f"      codec::decode_rank1(p{c.slot}, group, stop - group, cols, p{absmax[c.slot]}, "
+                      f"p{absmax[c.slot]} + rows, decoded{c.slot});\n" for c in read if c.rank1)
+    lines = [line for line in body if line.split()[:2] == ["const", "T"] and line.split()[2] in wanted]
+    lines += [f"        new{c.slot}[d - group] = {value};" for c, value in zip(rank1, values)]
+    return _RANK1_BEFORE.format(
+        tensors=_SHARES.rstrip("\n"), pointers="\n".join(pointers), decode=decode.rstrip("\n"), body="\n".join(lines),
+        parts="\n".join(f"    float* __restrict__ part{c.slot} = scratch + at + me * (rows + cols); "
+                        f"at += threads * (rows + cols);" for c in rank1),
+        maxima="\n".join(f"      codec::add_rank1_maxima(new{c.slot}, group, stop - group, cols, part{c.slot}, "
+                         f"part{c.slot} + rows);" for c in rank1),
+        merge="\n".join(_MERGE.format() for _ in rank1))
 
 
 def _flags() -> list[str]:
@@ -339,13 +450,13 @@ def _build(text: str, out: Path) -> str | None:
 
 
 @functools.lru_cache(maxsize=None)
-def _loop(text: str, slots: int, sums: int, coded: tuple[Coded, ...]) -> LoopStep | str:
+def _loop(text: str, slots: int, sums: int, coded: tuple[Coded, ...], maxima: tuple[int, ...]) -> LoopStep | str:
     header = (_HERE / "codec.h").read_text() if coded else ""  # what the source includes is part of the key
     built = _cached_library("loops/step", "\0".join([text, header, _compiler() or "", *_flags()]),
                             functools.partial(_build, text))
     if isinstance(built, str):
         return built
-    return LoopStep(ctypes.CDLL(str(built)), slots, sums, [t for c in coded for t in _map(c.kind)])
+    return LoopStep(ctypes.CDLL(str(built)), slots, sums, [t for c in coded for t in _map(c.kind)], maxima)
 
 
 def _map(kind: str) -> tuple[Tensor, Tensor | None]:
@@ -370,4 +481,5 @@ def loop_for(program: tuple, mutated: tuple, dtypes: Sequence[torch.dtype], n_sc
         return None
     coded = tuple(sorted(coded))
     text = source(program, mutated, dtypes, n_scalars, kahan, coded)
-    return None if text is None else _loop(text, len(dtypes) + len(coded) + kahan, 3 + len(dtypes) - 2, coded)
+    maxima = tuple(len(dtypes) + j for j, c in enumerate(coded) if c.rank1)  # each rank-1 slot's side tensor
+    return None if text is None else _loop(text, len(dtypes) + len(coded) + kahan, 3 + len(dtypes) - 2, coded, maxima)

@@ -14,7 +14,6 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
-#include <limits>
 #include <vector>
 
 #include "codec.h"
@@ -96,24 +95,6 @@ void dequantize_blockwise(const at::Tensor& codes, const at::Tensor& absmax, con
   });
 }
 
-// torch.minimum's: NaN where either is NaN
-inline float nan_minimum(float a, float b) {
-  float low = a < b ? a : b;
-  low = b != b ? b : low;
-  return a != a ? a : low;
-}
-
-// Calls visit(offset, row, column, count) for the row pieces of elements begin .. end of a
-// (rows x cols) row-major tensor: element offset + t is (row, column + t) for t < count.
-template <typename Visit>
-inline void by_rows(int64_t begin, int64_t end, int64_t cols, Visit visit) {
-  for (int64_t e = begin; e < end;) {
-    const int64_t row = e / cols, column = e % cols, count = std::min(end - e, cols - column);
-    visit(e, row, column, count);
-    e += count;
-  }
-}
-
 constexpr int64_t kRank1Block = 128;  // elements coded or decoded at a time (even: whole bytes)
 
 // Rank-1 4-bit coding of a 2-D (rows x cols) float32 tensor (kernels/quantize.py quantize_4bit_rank1_):
@@ -143,71 +124,45 @@ void quantize_4bit_rank1_2d(const at::Tensor& x, at::Tensor packed, at::Tensor m
         const float* row = in + r * cols;
         row_max[r] = codec::absmax(row, cols);
 #pragma omp simd
-        for (int64_t c = 0; c < cols; ++c) {
-          const float a = std::fabs(row[c]);
-          mine[c] = (a > mine[c] || a != a) ? a : mine[c];  // a NaN stays
-        }
+        for (int64_t c = 0; c < cols; ++c) mine[c] = codec::nan_maximum(mine[c], std::fabs(row[c]));
       }
     }
   });
   for (int64_t c = 0; c < cols; ++c) {
     float peak = columns[c];
-    for (int64_t part = 1; part < parts; ++part) {
-      const float a = columns[part * cols + c];
-      peak = (a > peak || a != a) ? a : peak;  // as above
-    }
+    for (int64_t part = 1; part < parts; ++part) peak = codec::nan_maximum(peak, columns[part * cols + c]);
     column_max[c] = peak;
   }
   // the codes, a block of elements at a time (blocks may span rows)
   uint8_t* out = packed.data_ptr<uint8_t>();
-  const float tiny = std::numeric_limits<float>::min();
   const int64_t blocks = (numel + kRank1Block - 1) / kRank1Block;
   at::parallel_for(0, blocks, 64, [&](int64_t first, int64_t last) {
-    alignas(64) float scaled[kRank1Block];
     for (int64_t b = first; b < last; ++b) {
       const int64_t begin = b * kRank1Block, end = std::min(numel, begin + kRank1Block);
-      by_rows(begin, end, cols, [&](int64_t offset, int64_t r, int64_t c, int64_t count) {
-        const float rmax = row_max[r];
-        float* piece = scaled + (offset - begin);
-#pragma omp simd
-        for (int64_t t = 0; t < count; ++t) {
-          const float scale = nan_minimum(rmax, column_max[c + t]);
-          piece[t] = in[offset + t] / (scale < tiny ? tiny : scale);  // NaN stays
-        }
-      });
-      codec::code_with<4>(scaled, begin, end - begin, [](float v) { return codec::nearest_linear4_code(v); }, out);
+      codec::code_rank1(in + begin, begin, end - begin, cols, row_max, column_max, out);
     }
   });
 }
 
 // The 2-D tensor out (rows x cols) that rank-1 4-bit `packed` and `maxima` stand for:
 // code[index] times minimum(its row's, its column's maximum) (kernels/quantize.py dequantize_4bit_rank1).
-void dequantize_4bit_rank1_2d(const at::Tensor& packed, const at::Tensor& maxima, const at::Tensor& code,
-                              at::Tensor out) {
+void dequantize_4bit_rank1_2d(const at::Tensor& packed, const at::Tensor& maxima, at::Tensor out) {
   check_cpu(packed, at::kByte, "packed");
   check_cpu(maxima, at::kFloat, "maxima");
-  check_cpu(code, at::kFloat, "code");
   check_cpu(out, at::kFloat, "out");
   TORCH_CHECK(out.dim() == 2, "dequantize_4bit_rank1_2d: out must be 2-D");
   const int64_t rows = out.size(0), cols = out.size(1), numel = out.numel();
-  TORCH_CHECK(packed.numel() == (numel + 1) / 2 && maxima.numel() == rows + cols && code.numel() == 16,
-              "dequantize_4bit_rank1_2d: sizes of packed, maxima or code do not match out");
+  TORCH_CHECK(packed.numel() == (numel + 1) / 2 && maxima.numel() == rows + cols,
+              "dequantize_4bit_rank1_2d: sizes of packed or maxima do not match out");
   const uint8_t* in = packed.data_ptr<uint8_t>();
   const float* row_max = maxima.data_ptr<float>();
   const float* column_max = row_max + rows;
-  const float* values = code.data_ptr<float>();
   float* result = out.data_ptr<float>();
   const int64_t blocks = (numel + kRank1Block - 1) / kRank1Block;
   at::parallel_for(0, blocks, 64, [&](int64_t first, int64_t last) {
     for (int64_t b = first; b < last; ++b) {
       const int64_t begin = b * kRank1Block, end = std::min(numel, begin + kRank1Block);
-      codec::decode<4>(in, begin, end - begin, 1.0f, values, result + begin);  // code[index] * 1.0f is code[index]
-      by_rows(begin, end, cols, [&](int64_t offset, int64_t r, int64_t c, int64_t count) {
-        const float rmax = row_max[r];
-        float* piece = result + offset;
-#pragma omp simd
-        for (int64_t t = 0; t < count; ++t) piece[t] *= nan_minimum(rmax, column_max[c + t]);
-      });
+      codec::decode_rank1(in, begin, end - begin, cols, row_max, column_max, result + begin);
     }
   });
 }
