@@ -132,7 +132,7 @@ def markdown(names: list[str], times: dict, ref_times: dict, size: tuple, loads:
         "fused update operation for operation, so parameters and states are bitwise those of an unrecorded step,",
         "tested), and the compiled backend's C++ loops (`kernels/cpp/loops.py`, 8/4-bit block-wise states",
         "included) sum in the pass that steps: g^2, update^2, old p^2 and v from values already in registers,",
-        "no copy, no second pass. Elsewhere on CPU (foreach, reference, factored and rank-1 4-bit states) a",
+        "no copy, no second pass. Elsewhere on CPU (foreach, reference, factored and n-D rank-1 4-bit states) a",
         "recording step copies the parameters before the update (the update is new minus old) with a C++ copy",
         "that sums g^2 and p^2 in its pass, and after it sums (new - old)^2 and v in one more pass: about 20",
         "bytes per parameter for fp32/fp64 parameters (torch's copy, norm and subtraction passes, which other",

@@ -59,8 +59,9 @@ operations outside the table below, complex tensors in a 0-d state. Kahan compen
 bf16 parameters is read and written inside the C++ loop (``run(..., compensations=)``);
 block-wise 8/4-bit states (``run(..., coded=)``: the codecs' ``loop_form``; fp32 or bf16 parameters)
 are decoded and coded inside it too, block by block, so they never exist in fp32 outside the cache (the bytes of
-decoding, stepping and coding in turn); stochastic rounding, ``state_dtype`` and other codecs
-(rank-1 4-bit second moments, whose scale spans the tensor) stay passes around the compiled
+decoding, stepping and coding in turn), and so are rank-1 4-bit second moments of 2-D tensors
+(whose scale spans the tensor: the loop finds their new maxima in a first pass); stochastic
+rounding, ``state_dtype`` and other codecs (rank-1 states of n-D tensors) stay passes around the compiled
 update (correct, but they cost their extra reads and writes). Results equal the
 reference backend to fp32 rounding, not bit for bit: torch's eager kernels may contract
 ``a * b + c`` into one rounding where the loop and Inductor round twice, and host numbers are

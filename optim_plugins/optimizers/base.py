@@ -162,8 +162,9 @@ class _BucketPlan(NamedTuple):
 
     mode: str | None  # the parameters' compensation: None, "kahan" or "stochastic" (precision.py)
     state_dtype: torch.dtype
-    # 8/4-bit states coded inside the compiled C++ loop: no fp32 copy of them, one pass (the formats it
-    # cannot code, rank-1 4-bit, decoded before and coded after); fp32 parameters, or bf16 ones (read as
+    # 8/4-bit states coded inside the compiled C++ loop: no fp32 copy of them, one pass (two with rank-1
+    # 4-bit states; the formats it cannot code, rank-1 of n-D tensors, decoded before and coded after);
+    # fp32 parameters, or bf16 ones (read as
     # float, with their Kahan compensation where they keep one) beside fp32 math
     coded_loop: bool
     folded: bool  # Kahan on bf16 parameters folded into the compiled C++ loop (p + compensation read, both written)
@@ -439,7 +440,7 @@ class Optimizer(torch.optim.Optimizer):
                 keyed[(p.device, p.dtype, scalars, forms)].append(i)  # complex parameters: complex dtypes
             buckets = []
             for key, index in keyed.items():
-                if any(form is None for _, form in key[-1]):  # states the loop cannot code (rank-1 4-bit) are
+                if any(form is None for _, form in key[-1]):  # states the loop cannot code (n-D rank-1) are
                     sizes = [params[i].numel() for i in index]  # decoded around it: a few tensors at a time
                     buckets += [[index[k] for k in chunk] for chunk in _chunks(sizes, DECODED_CHUNK)]
                 else:

@@ -23,6 +23,8 @@ Two things besides the update can live in the same pass: a bf16 parameter's Kaha
 (read with it, written after it) and 8/4-bit block-wise states (``Coded`` slots: the blocks of a run
 of ``RUN`` elements decoded into a stack buffer before the run's update and coded after it by
 ``codec.h``, the coding quantize.cpp uses, so the bytes are those of the three separate passes).
+Rank-1 4-bit states of 2-D tensors too, in a second pass: their scale needs the new row and column
+maxima first (see ``_RANK1_BEFORE``).
 """
 from __future__ import annotations
 
