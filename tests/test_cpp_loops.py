@@ -381,13 +381,15 @@ def test_lowbit_optimizers_code_their_states_inside_the_loop_bit_for_bit(name, o
             assert torch.equal(mine[key], other[key]), key
 
 
-def test_telemetry_on_coded_buckets_is_summed_in_the_loop_without_changing_the_step(monkeypatch):
-    """op.telemetry on adamw8bit (compiled): the recording step gives the bits of an unrecorded one, and no
-    parameter copy is taken (coded and fp32-state buckets are both summed inside their loops)."""
-    plain, _ = _stepped("adamw8bit", {}, True, monkeypatch, steps=1)
+@pytest.mark.parametrize("name", ["adamw8bit", "adamw4bit"])
+def test_telemetry_on_coded_buckets_is_summed_in_the_loop_without_changing_the_step(name, monkeypatch):
+    """op.telemetry on adamw8bit and adamw4bit (compiled; 4-bit: rank-1 second moments of the 2-D tensors):
+    the recording step gives the bits of an unrecorded one, and no parameter copy is taken (coded and
+    fp32-state buckets are both summed inside their loops)."""
+    plain, _ = _stepped(name, {}, True, monkeypatch, steps=1)
     g = torch.Generator().manual_seed(0)
     params = [torch.nn.Parameter(torch.randn(s, generator=g)) for s in ((300, 70), (5000,), (64,), (129, 33), (4096,))]
-    optimizer = op.create_optimizer("adamw8bit", params, lr=1e-2, backend="compiled")
+    optimizer = op.create_optimizer(name, params, lr=1e-2, backend="compiled")
     recorder = op.telemetry(optimizer, by="param")
     for j, p in enumerate(params):
         p.grad = torch.sin(p.detach() * 2 + j)
