@@ -217,7 +217,8 @@ _REPLACE = """\
 
 class Coded(NamedTuple):
     """A state slot kept block-wise in 8 or 4 bits (the formats of kernels/quantize.py): its input is
-    the uint8 codes, and the slot's absmax (fp32, one per block) follows the slots in each tensor's inputs."""
+    the uint8 codes, and the slot's absmax (fp32, one per block; rank-1: the maxima of its rows, then of
+    its columns) follows the slots in each tensor's inputs."""
 
     slot: int
     kind: str  # the code map: a name kernels.quantize._search knows
@@ -303,6 +304,8 @@ def source(program: tuple, mutated: tuple, dtypes: Sequence[torch.dtype], n_scal
     the new values back block by block (each block's absmax first), so the states never exist in fp32
     outside the cache. The bytes
     are those of decoding, stepping and coding in three passes (codec.h, which quantize.cpp uses too).
+    ``Coded.rank1`` slots (rank-1 4-bit, linear map, of 2-D tensors, mutated by the program): a first pass
+    finds their new row and column maxima, then the step codes them with those (``_RANK1_BEFORE``).
     """
     work = {_WORK_TYPES.get(dtype) for dtype in dtypes}
     if len(work) != 1 or None in work or (kahan and dtypes[0] != torch.bfloat16):
@@ -373,10 +376,7 @@ def source(program: tuple, mutated: tuple, dtypes: Sequence[torch.dtype], n_scal
     each_block = ("      for (int64_t block = group; block < stop; block += BLOCK) {{\n"
                   "        const int64_t count = block + BLOCK < stop ? BLOCK : stop - block;\n{}      }}\n")
     decode = "".join(f"      alignas(64) float decoded{c.slot}[GROUP], new{c.slot}[GROUP];\n" for c in coded)
-    if any(not c.rank1 for c in coded):
-        decode += each_block.format("".join(
-            f"        codec::decode<{c.bits}>(p{c.slot}, block, count, p{absmax[c.slot]}[block / BLOCK], "
-            f"values{c.slot}, decoded{c.slot} + (block - group));\n" for c in coded if not c.rank1))
+    decode += _decodes(coded, absmax, each_block)
     encode = "".join(f"        codec::code_block<{c.bits}, {str(c.positive_not_zero).lower()}>("
                      f"new{c.slot} + (block - group), block, count, table{c.slot}, p{c.slot}, "
                      f"p{absmax[c.slot]} + block / BLOCK);\n"
@@ -384,8 +384,6 @@ def source(program: tuple, mutated: tuple, dtypes: Sequence[torch.dtype], n_scal
     encode = "\n" + each_block.format(encode).rstrip("\n") if encode else ""
     before = after = ""
     if rank1:
-        decode += "".join(f"      codec::decode_rank1(p{c.slot}, group, stop - group, cols, p{absmax[c.slot]}, "
-                          f"p{absmax[c.slot]} + rows, decoded{c.slot});\n" for c in rank1)
         encode += "".join(f"\n      codec::code_rank1(new{c.slot}, group, stop - group, cols, fresh{c.slot}, "
                           f"fresh{c.slot} + rows, p{c.slot});" for c in rank1)
         before = _rank1_pass(body, [names[c.slot] for c in rank1], needs, rank1, coded, absmax, pointers, each_block)
@@ -408,6 +406,16 @@ def source(program: tuple, mutated: tuple, dtypes: Sequence[torch.dtype], n_scal
         sums_loop=_BLOCK_LOOP.format(**blocks, **with_sums))
 
 
+def _decodes(coded: Sequence[Coded], absmax: dict[int, int], each_block: str) -> str:
+    """The statements that decode the run's values of ``coded`` slots into their ``decoded`` buffers:
+    block-wise ones block by block, rank-1 ones the run at once (the maxima being those before the step)."""
+    blockwise = "".join(f"        codec::decode<{c.bits}>(p{c.slot}, block, count, p{absmax[c.slot]}[block / BLOCK], "
+                        f"values{c.slot}, decoded{c.slot} + (block - group));\n" for c in coded if not c.rank1)
+    return (each_block.format(blockwise) if blockwise else "") + "".join(
+        f"      codec::decode_rank1(p{c.slot}, group, stop - group, cols, p{absmax[c.slot]}, "
+        f"p{absmax[c.slot]} + rows, decoded{c.slot});\n" for c in coded if c.rank1)
+
+
 def _rank1_pass(body: list[str], values: list[str], needs: dict[str, set[str]], rank1: list[Coded],
                 coded: Sequence[Coded], absmax: dict[int, int], pointers: list[str], each_block: str) -> str:
     """The first pass of a program with rank-1 slots (``_RANK1_BEFORE``): the program's lines that their
@@ -416,12 +424,7 @@ def _rank1_pass(body: list[str], values: list[str], needs: dict[str, set[str]], 
     read = [c for c in coded if f"s{c.slot}" in wanted]
     decode = "".join(f"      alignas(64) float decoded{c.slot}[GROUP];\n" for c in read)
     decode += "".join(f"      alignas(64) float new{c.slot}[GROUP];\n" for c in rank1)
-    if any(not c.rank1 for c in read):
-        decode += each_block.format("".join(
-            f"        codec::decode<{c.bits}>(p{c.slot}, block, count, p{absmax[c.slot]}[block / BLOCK], "
-            f"values{c.slot}, decoded{c.slot} + (block - group));\n" for c in read if not c.rank1))
-    decode += "".join(f"      codec::decode_rank1(p{c.slot}, group, stop - group, cols, p{absmax[c.slot]}, "
-                      f"p{absmax[c.slot]} + rows, decoded{c.slot});\n" for c in read if c.rank1)
+    decode += _decodes(read, absmax, each_block)
     lines = [line for line in body if line.split()[:2] == ["const", "T"] and line.split()[2] in wanted]
     lines += [f"        new{c.slot}[d - group] = {value};" for c, value in zip(rank1, values)]
     return _RANK1_BEFORE.format(

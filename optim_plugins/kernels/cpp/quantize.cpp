@@ -119,13 +119,9 @@ void quantize_4bit_rank1_2d(const at::Tensor& x, at::Tensor packed, at::Tensor m
   std::vector<float> columns(static_cast<size_t>(parts * cols), 0.0f);
   at::parallel_for(0, parts, 1, [&](int64_t first, int64_t last) {
     for (int64_t part = first; part < last; ++part) {
-      float* mine = columns.data() + part * cols;
-      for (int64_t r = part * rows / parts; r < (part + 1) * rows / parts; ++r) {
-        const float* row = in + r * cols;
-        row_max[r] = codec::absmax(row, cols);
-#pragma omp simd
-        for (int64_t c = 0; c < cols; ++c) mine[c] = codec::nan_maximum(mine[c], std::fabs(row[c]));
-      }
+      const int64_t begin = part * rows / parts * cols, end = (part + 1) * rows / parts * cols;
+      std::fill(row_max + begin / cols, row_max + end / cols, 0.0f);
+      codec::add_rank1_maxima(in + begin, begin, end - begin, cols, row_max, columns.data() + part * cols);
     }
   });
   for (int64_t c = 0; c < cols; ++c) {
