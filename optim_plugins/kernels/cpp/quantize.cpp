@@ -3,8 +3,8 @@
 // 4-bit ones of 2-D tensors in two passes (maxima, codes) and one (decode).
 //
 // The maps and the nearest-code table come from Python (kernels/quantize.py `nearest_code_table`), so
-// there is one definition of the formats (but for the rank-1 codec's linear map, whose nearest code is
-// arithmetic: codec.h nearest_linear4_code, tested against the map's midpoints); the coding itself is
+// there is one definition of the formats (but for the rank-1 codec's linear map, whose nearest code and
+// values are arithmetic: codec.h nearest_linear4_code and decode_rank1, tested against the map); the coding itself is
 // codec.h's (shared with the compiled backend's loops) and gives the bytes of the eager functions,
 // tested against them.
 #include <ATen/core/Tensor.h>
@@ -141,7 +141,8 @@ void quantize_4bit_rank1_2d(const at::Tensor& x, at::Tensor packed, at::Tensor m
 }
 
 // The 2-D tensor out (rows x cols) that rank-1 4-bit `packed` and `maxima` stand for:
-// code[index] times minimum(its row's, its column's maximum) (kernels/quantize.py dequantize_4bit_rank1).
+// the linear map's value of each code times minimum(its row's, its column's maximum)
+// (kernels/quantize.py dequantize_4bit_rank1).
 void dequantize_4bit_rank1_2d(const at::Tensor& packed, const at::Tensor& maxima, at::Tensor out) {
   check_cpu(packed, at::kByte, "packed");
   check_cpu(maxima, at::kFloat, "maxima");
